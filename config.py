@@ -133,6 +133,10 @@ class LossConfig:
     """SimPO target reward margin."""
     rpo_alpha: float = 0.0
     """Weight of an added NLL on chosen responses (RPO); 0 = off."""
+    reference_path: str = ""
+    """Frozen reference model; empty = the policy's starting weights (with LoRA: the model with adapters off)."""
+    ref_cache_dir: str = "logs/ref_cache"
+    """Reference log-probs are computed once per (reference, data, tokenisation) and stored here."""
 
     def __post_init__(self):
         _choice("loss.name", self.name, LOSS_NAMES)
@@ -154,9 +158,50 @@ class TrainConfig:
     """Peak learning rate."""
     seed: int = 0
     """Seed for the train/eval split, shuffling and initialisation."""
+    scheduler: str = "linear"
+    """Learning-rate decay after warmup: linear, cosine or constant."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to train.lr over this many steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this (0 = no clipping)."""
+    mixed_precision: str = "no"
+    """no (compute in model.dtype) or bf16 (autocast; keep model.dtype=float32 master weights)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    freeze_layers: int = 0
+    """Freeze the embeddings and the first N transformer layers (0 = train everything)."""
+    eval_every: int = 0
+    """Evaluate on the held-out pairs every N steps (0 = only at the end)."""
+    eval_batch_size: int = 8
+    """Pairs per evaluation batch."""
+    max_eval_pairs: int = 0
+    """Evaluate on at most N held-out pairs (0 = all)."""
+    save_every: int = 0
+    """Write a resumable checkpoint every N steps (0 = only the final one)."""
+    keep_checkpoints: int = 1
+    """How many of the newest checkpoints to keep."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in output_dir; never: start fresh (refuses a used dir)."""
+    log_every: int = 1
+    """Write a train line to metrics.jsonl every N steps."""
 
     def __post_init__(self):
         _require(self.max_steps > 0, "train.max_steps", f"must be > 0; got {self.max_steps}")
+        _choice("train.scheduler", self.scheduler, ("linear", "cosine", "constant"))
+        _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16"))
+        _choice("train.resume", self.resume, ("auto", "never"))
+        _require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "train.adam_betas",
+                 f"must be two numbers in [0, 1); got {self.adam_betas}")
+        for key in ("warmup_steps", "freeze_layers", "eval_every", "max_eval_pairs", "save_every"):
+            _require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0; got {getattr(self, key)}")
+        for key in ("eval_batch_size", "keep_checkpoints", "log_every"):
+            _require(getattr(self, key) > 0, f"train.{key}", f"must be > 0; got {getattr(self, key)}")
+        _require(self.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0; got {self.max_grad_norm}")
+        _require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0; got {self.weight_decay}")
         _require(self.batch_size > 0, "train.batch_size", f"must be > 0; got {self.batch_size}")
         _require(self.grad_accum > 0, "train.grad_accum", f"must be > 0; got {self.grad_accum}")
         _require(self.lr > 0, "train.lr", f"must be > 0; got {self.lr}")
@@ -232,8 +277,9 @@ def _coerce(hint, value, key: str):
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        _require(isinstance(value, list) and all(isinstance(v, str) for v in value), key, f"expected a list of strings; got {value!r}")
-        return list(value)
+        _require(isinstance(value, list), key, f"expected a list; got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         _require(isinstance(value, dict) and all(isinstance(v, str) for v in value.values()), key,
                  f"expected a mapping of strings; got {value!r}")

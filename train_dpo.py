@@ -1,20 +1,55 @@
 """Train the SFT baseline or a DPO-family run from one config.
 
-    python train_dpo.py --config configs/default.yaml [key=value ...] [--dry-run]
-    accelerate launch train_dpo.py --config configs/default.yaml loss.beta=0.05
+    python train_dpo.py --config configs/default.yaml [key=value ...] [--dry-run | --precompute-ref]
+    accelerate launch train_dpo.py --config configs/default.yaml loss.beta=0.05 output_dir=logs/b0.05
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
+        --dynamo_backend no train_dpo.py --config ...          # two CPU processes (gloo)
 
---dry-run loads and validates the config and the data, prints the pairs loaded, the pairs dropped by reason, the
-split sizes and one tokenised example (prompt masked from the loss), and exits 0 without training.
+loss.name=sft trains on the chosen responses (NLL); loss.name=dpo trains loss.type against a frozen reference whose
+log-probs are computed once per (reference, data, tokenisation) and cached in loss.ref_cache_dir, so a β sweep pays
+for the reference once. --precompute-ref fills that cache and exits. --dry-run validates config and data, prints
+one tokenised example, and exits without training.
+
+Writes to output_dir: metrics.jsonl (TRL's metric names, split train/eval), config.yaml, run.json, checkpoints/
+(atomic, resumable with train.resume=auto) and final/ (Hugging Face format; with LoRA also final/adapter/).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 from chat_format import IGNORE_INDEX, resolve_template, sequence_and_labels, tokenize_pairs
-from config import Config, UserInputError, load_config
-from models import load_tokenizer
+from config import Config, UserInputError, load_config, to_dict, to_yaml
+from jsonl import append_jsonl, read_jsonl, rewrite_jsonl
+from models import load_model, load_tokenizer
 from preference_data import load_pairs, split_pairs
+
+REPO = Path(__file__).resolve().parent
+CACHE_VERSION = 1
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class Interrupted(Exception):
+    """SIGTERM/SIGUSR1/SIGUSR2 arrived: the run saved a checkpoint at a step boundary and stops."""
+
+
+# ---------------------------------------------------------------- data
 
 
 def prepare_data(cfg: Config, tokenizer, log=print):
@@ -38,6 +73,614 @@ def prepare_data(cfg: Config, tokenizer, log=print):
     return train, held_out
 
 
+def epoch_batches(n_pairs: int, lengths: list[int], global_batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch's global batches: a seeded shuffle, then length-sorted within windows of 16 batches (less padding),
+    then the batches shuffled again. A pure function of (seed, epoch), so a resumed run sees the same batches."""
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(n_pairs))
+    rng.shuffle(order)
+    window = global_batch * 16
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        batches += [chunk[i:i + global_batch] for i in range(0, len(chunk) - global_batch + 1, global_batch)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(pairs, pad_token_id: int, with_rejected: bool = True) -> dict:
+    """Chosen (and rejected) of every pair in one batch: rows [chosen_0..chosen_B-1, rejected_0..rejected_B-1].
+
+    Prompts are left-padded so that every response starts at the same column P; positions come from the attention
+    mask, so padding changes nothing. Only the last R+1 positions need logits (logits_to_keep), which keeps the
+    49k-wide LM head off the prompt tokens: the biggest saving in memory and time over computing all logits.
+    """
+    import torch
+
+    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs]
+    if with_rejected:
+        rows += [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    prompt_len = max(len(prompt) for prompt, _ in rows)
+    response_len = max(len(response) for _, response in rows)
+    input_ids = torch.full((len(rows), prompt_len + response_len), pad_token_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for i, (prompt, response) in enumerate(rows):
+        ids, row_labels = sequence_and_labels(prompt, response)
+        start = prompt_len - len(prompt)
+        input_ids[i, start:start + len(ids)] = torch.tensor(ids)
+        attention[i, start:start + len(ids)] = 1
+        labels[i, start:start + len(ids)] = torch.tensor(row_labels)
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    keep = response_len + 1
+    return {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids,
+            "labels": labels[:, -keep:], "logits_to_keep": keep,
+            "response_tokens": (labels != IGNORE_INDEX).sum(-1), "tokens": int(attention.sum())}
+
+
+# ---------------------------------------------------------------- model passes
+
+
+def forward_logps(model, batch):
+    """Summed response log-probs [rows] for a collated batch."""
+    from dpo_loss import sequence_logps
+
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=batch["position_ids"], logits_to_keep=batch["logits_to_keep"], use_cache=False)
+    return sequence_logps(out.logits, batch["labels"])
+
+
+def to_device(batch, device):
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def pair_terms(cfg: Config, logps, n_tokens, ref_chosen, ref_rejected):
+    """Loss per pair and the per-pair values behind the logged metrics, from summed log-probs."""
+    import torch
+
+    from dpo_loss import LENGTH_AVERAGED, preference_loss
+
+    half = logps.shape[0] // 2
+    chosen, rejected = logps[:half], logps[half:]
+    n_chosen, n_rejected = n_tokens[:half].clamp(min=1), n_tokens[half:].clamp(min=1)
+    if cfg.loss.type in LENGTH_AVERAGED:
+        pc, pr = chosen / n_chosen, rejected / n_rejected
+        rc = ref_chosen / n_chosen if ref_chosen is not None else None
+        rr = ref_rejected / n_rejected if ref_rejected is not None else None
+    else:
+        pc, pr, rc, rr = chosen, rejected, ref_chosen, ref_rejected
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        pc, pr, rc, rr, cfg.loss.beta, cfg.loss.type, cfg.loss.label_smoothing, cfg.loss.simpo_gamma)
+    nll = -chosen / n_chosen
+    if cfg.loss.rpo_alpha:
+        losses = losses + cfg.loss.rpo_alpha * nll
+    terms = {"loss": losses.detach(), "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+             "rewards/margins": chosen_rewards - rejected_rewards,
+             "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+             "logps/chosen": chosen.detach(), "logps/rejected": rejected.detach(),
+             "nll/chosen": nll.detach(), "n/chosen": n_chosen.float()}
+    if ref_chosen is not None:
+        log_ratio = (chosen.detach() - ref_chosen) / n_chosen  # per token, on chosen responses
+        terms["logratio/chosen"] = log_ratio
+        terms["kl"] = torch.exp(-log_ratio) - 1 + log_ratio  # k3 estimator, >= 0
+    return losses.mean(), terms
+
+
+def sft_terms(logps, n_tokens):
+    nll = -logps / n_tokens.clamp(min=1)
+    terms = {"loss": nll.detach(), "logps/chosen": logps.detach(), "nll/chosen": nll.detach(), "n/chosen": n_tokens.float()}
+    return -logps.sum() / n_tokens.sum().clamp(min=1), terms
+
+
+def summarise(terms: dict) -> dict:
+    """Mean of every per-pair term; perplexity of the chosen responses from the token-weighted NLL."""
+    out = {k: float(v.float().mean()) for k, v in terms.items() if not k.startswith(("n/", "nll/"))}
+    if "nll/chosen" in terms:
+        nll = float((terms["nll/chosen"] * terms["n/chosen"]).sum() / terms["n/chosen"].sum())
+        out["perplexity"] = math.exp(min(nll, 50.0))
+    return out
+
+
+# ---------------------------------------------------------------- reference log-probs, cached on disk
+
+
+def model_fingerprint(path: str) -> str:
+    """Cheap content fingerprint of a checkpoint: config plus size and first/last MiB of every weight file."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return f"hub:{path}"
+    digest = hashlib.sha256()
+    for file in sorted(folder.iterdir()):
+        if file.name == "config.json" or file.suffix in {".safetensors", ".bin"}:
+            size = file.stat().st_size
+            digest.update(f"{file.name}:{size}".encode())
+            with open(file, "rb") as fh:
+                digest.update(fh.read(1 << 20))
+                fh.seek(max(0, size - (1 << 20)))
+                digest.update(fh.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def reference_key(cfg: Config, pairs) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"v": CACHE_VERSION, "reference": model_fingerprint(cfg.loss.reference_path or cfg.model.path),
+                              "dtype": cfg.model.dtype, "mixed_precision": cfg.train.mixed_precision}).encode())
+    for p in sorted(pairs, key=lambda p: p.id):
+        digest.update(json.dumps([p.id, p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+    return digest.hexdigest()[:20]
+
+
+def padded_shards(items: list, batch_size: int, rank: int, world: int) -> list[tuple[list, int]]:
+    """This rank's batches, as many on every rank (ZeRO-3 needs every rank in every forward); the count of real
+    items in each batch, the rest being repeats to discard."""
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    per_rank = math.ceil(len(batches) / world) if batches else 0
+    mine = []
+    for j in range(per_rank):
+        index = j * world + rank
+        mine.append((batches[index], len(batches[index])) if index < len(batches) else (batches[-1], 0))
+    return mine
+
+
+def compute_logps(model, pairs, accelerator, batch_size: int, pad_token_id: int, progress: str = "") -> dict:
+    """{pair id: (chosen sum, rejected sum)} over all pairs, the work split across processes."""
+    import torch
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    results = {}
+    was_training = model.training
+    model.eval()
+    shards = padded_shards(pairs, batch_size, accelerator.process_index, accelerator.num_processes)
+    with torch.no_grad():
+        for batch_pairs, n_real in tqdm(shards, desc=progress, disable=not progress or not accelerator.is_main_process,
+                                        leave=False):
+            logps = forward_logps(model, to_device(collate(batch_pairs, pad_token_id), accelerator.device)).float().cpu()
+            half = len(batch_pairs)
+            for i, p in enumerate(batch_pairs[:n_real]):
+                results[p.id] = (float(logps[i]), float(logps[half + i]))
+    model.train(was_training)
+    merged = {}
+    for part in gather_object([results]):
+        merged.update(part)
+    return merged
+
+
+def reference_logps(cfg: Config, accelerator, policy, pairs, pad_token_id, resumed: bool, log) -> tuple[dict, dict]:
+    """Cached reference log-probs for these pairs; computed (once) with the starting policy or loss.reference_path."""
+    import torch
+
+    key = reference_key(cfg, pairs)
+    path = Path(cfg.loss.ref_cache_dir) / f"{key}.pt"
+    info = {"key": key, "path": str(path), "forward_passes": 0, "cache": "hit"}
+    if path.is_file():
+        log(f"reference log-probs: loaded from cache {path}")
+        return torch.load(path, weights_only=True)["logps"], info
+    info["cache"] = "miss"
+    start = time.time()
+    if cfg.loss.reference_path or resumed:  # the policy has moved (or is not the reference): load the reference
+        reference = load_model(cfg.loss.reference_path or cfg.model.path, cfg.model.dtype).to(accelerator.device)
+        reference.requires_grad_(False)
+    else:  # before the first step the policy *is* the reference (with LoRA: adapters start as a no-op)
+        reference = policy
+    logps = compute_logps(reference, pairs, accelerator, cfg.train.eval_batch_size, pad_token_id,
+                          progress="reference log-probs")
+    info["forward_passes"] = math.ceil(len(pairs) / cfg.train.eval_batch_size)
+    if accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        torch.save({"logps": logps, "reference": cfg.loss.reference_path or cfg.model.path, "pairs": len(pairs)}, tmp)
+        os.replace(tmp, path)
+    accelerator.wait_for_everyone()
+    log(f"reference log-probs: computed for {len(pairs)} pairs in {time.time() - start:.1f} s, cached at {path}")
+    if reference is not policy:
+        del reference
+    return logps, info
+
+
+def ref_tensors(ref: dict | None, pairs, device):
+    import torch
+
+    if ref is None:
+        return None, None
+    values = torch.tensor([ref[p.id] for p in pairs], dtype=torch.float32, device=device)
+    return values[:, 0], values[:, 1]
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate(cfg: Config, model, pairs, ref, accelerator, pad_token_id) -> dict:
+    """Held-out metrics: loss, rewards/*, logps/*, perplexity of chosen responses, KL estimate; all processes."""
+    import torch
+    from accelerate.utils import gather_object
+
+    if cfg.train.max_eval_pairs:
+        pairs = pairs[:cfg.train.max_eval_pairs]
+    model.eval()
+    per_pair = []
+    with torch.no_grad():
+        for batch_pairs, n_real in padded_shards(pairs, cfg.train.eval_batch_size, accelerator.process_index,
+                                                 accelerator.num_processes):
+            batch = to_device(collate(batch_pairs, pad_token_id), accelerator.device)
+            logps = forward_logps(model, batch).float()
+            if cfg.loss.name == "sft":
+                half = len(batch_pairs)
+                _, terms = sft_terms(logps[:half], batch["response_tokens"][:half])
+                terms["logps/rejected"] = logps[half:]
+            else:
+                ref_chosen, ref_rejected = ref_tensors(ref, batch_pairs, accelerator.device)
+                _, terms = pair_terms(cfg, logps, batch["response_tokens"], ref_chosen, ref_rejected)
+            per_pair += [{k: float(v[i]) for k, v in terms.items()} for i in range(n_real)]
+    model.train()
+    rows = [row for part in gather_object([per_pair]) for row in part]
+    return summarise({k: torch.tensor([row[k] for row in rows]) for k in rows[0]}) if rows else {}
+
+
+# ---------------------------------------------------------------- run bookkeeping
+
+
+def config_hash(cfg: Config) -> str:
+    return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "accelerate", "peft", "deepspeed", "datasets"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_run_json(out_dir: Path, info: dict) -> None:
+    tmp = out_dir / "run.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, out_dir / "run.json")
+
+
+def find_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint: a step-N folder with trainer_state.json (written last, before the rename)."""
+    folders = sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    complete = [p for p in folders if (p / "trainer_state.json").is_file()]
+    return complete[-1] if complete else None
+
+
+def save_checkpoint(accelerator, out_dir: Path, step: int, state: dict, keep: int) -> Path:
+    """Atomic: everything goes to a temporary folder, then one rename makes it visible."""
+    final = out_dir / "checkpoints" / f"step-{step:06d}"
+    tmp = out_dir / "checkpoints" / f".tmp-step-{step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        older = sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]
+        for old in older:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def save_final(cfg: Config, accelerator, model, tokenizer, out_dir: Path) -> None:
+    """final/ in Hugging Face format, in model.dtype (bf16 rounding would erase DPO-sized updates). With LoRA:
+    final/adapter/ holds the adapter and final/ the merged model, which vLLM loads directly."""
+    final, tmp = out_dir / "final", out_dir / ".tmp-final"
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped = accelerator.unwrap_model(model)
+        if cfg.lora.r:
+            unwrapped.save_pretrained(tmp / "adapter", state_dict=state_dict)
+            unwrapped = unwrapped.merge_and_unload()
+            state_dict = None
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------- model setup
+
+
+def disable_dropout(model) -> None:
+    """Dropout makes policy and reference log-probs disagree at step 0; TRL disables it too."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def freeze_first_layers(model, n_layers: int) -> None:
+    """Freeze the input embeddings and the first n transformer blocks (the smolLM notebook's memory trick)."""
+    import torch
+
+    n_total = model.config.num_hidden_layers
+    blocks = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_total), None)
+    if blocks is None:
+        raise UserInputError(f"train.freeze_layers: cannot find the {n_total} transformer blocks of this model")
+    if n_layers > n_total:
+        raise UserInputError(f"train.freeze_layers={n_layers}: the model has only {n_total} layers")
+    model.get_input_embeddings().requires_grad_(False)
+    for block in blocks[:n_layers]:
+        block.requires_grad_(False)
+
+
+def build_policy(cfg: Config):
+    model = load_model(cfg.model.path, cfg.model.dtype)
+    disable_dropout(model)
+    if cfg.train.freeze_layers:
+        freeze_first_layers(model, cfg.train.freeze_layers)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.r:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        targets = cfg.lora.target_modules
+        model = get_peft_model(model, PeftLoraConfig(
+            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type="CAUSAL_LM",
+            target_modules="all-linear" if targets == ["all-linear"] else targets))
+        if cfg.train.gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model
+
+
+def lr_lambda(cfg: Config):
+    warmup, total, kind = cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.scheduler
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+    return factor
+
+
+# ---------------------------------------------------------------- the run
+
+
+def make_accelerator(cfg: Config):
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # On CPU, launched processes need gloo; without it DeepSpeed ranks each believe they are rank 0.
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum,
+                              mixed_precision=cfg.train.mixed_precision, kwargs_handlers=handlers)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:  # we pass no dataloader, so DeepSpeed learns the batch size and clipping from the config
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+        if plugin.deepspeed_config.get("gradient_clipping", "auto") == "auto":
+            plugin.deepspeed_config["gradient_clipping"] = cfg.train.max_grad_norm
+    return accelerator
+
+
+def check_output_dir(cfg: Config, out_dir: Path) -> str | None:
+    """'completed' if this exact config already finished here; refuses a folder used by another config."""
+    run_json, saved = out_dir / "run.json", out_dir / "config.yaml"
+    if not run_json.is_file():
+        return None
+    info = json.loads(run_json.read_text())
+    if cfg.train.resume == "never":
+        raise UserInputError(f"{out_dir} holds a previous run (run.json); use train.resume=auto or a new output_dir")
+    if saved.is_file() and saved.read_text() != to_yaml(cfg):
+        raise UserInputError(f"{out_dir}/config.yaml differs from this run's config; resuming would mix two runs. "
+                             f"Use a new output_dir or the same config")
+    return info.get("status")
+
+
+def train(cfg: Config, log=print) -> dict:
+    import torch
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    out_dir = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg)
+    main_process = accelerator.is_main_process
+    say = log if main_process else (lambda *_: None)
+    if check_output_dir(cfg, out_dir) == "completed":
+        say(f"{out_dir}: already completed with this config; nothing to do")
+        return json.loads((out_dir / "run.json").read_text())
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log=say)
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    checkpoint = find_checkpoint(out_dir) if cfg.train.resume == "auto" else None
+    previous = json.loads((out_dir / "run.json").read_text()) if (out_dir / "run.json").is_file() else {}
+    run_info = {
+        "status": "running", "config_hash": config_hash(cfg), "git_commit": git_commit(), "versions": versions(),
+        "host": socket.gethostname(), "seed": cfg.train.seed, "loss": cfg.loss.name,
+        "slurm": {k: os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
+                                             "SLURM_RESTART_COUNT") if k in os.environ},
+        "world_size": accelerator.num_processes, "started": previous.get("started", now()), "attempt_started": now(),
+        "resumed_from": str(checkpoint) if checkpoint else None,
+        "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "max_steps": cfg.train.max_steps,
+    }
+    if main_process:
+        write_run_json(out_dir, run_info)
+
+    model = build_policy(cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    run_info["parameters"] = {"total": sum(p.numel() for p in model.parameters()),
+                              "trainable": sum(p.numel() for p in trainable)}
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
+                                  weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # stepped here once per optimizer step, not by accelerate
+
+    ref = None
+    if cfg.loss.name == "dpo" and cfg.loss.type != "simpo":
+        ref, run_info["reference"] = reference_logps(cfg, accelerator, model, train_pairs + eval_pairs,
+                                                     tokenizer.pad_token_id, checkpoint is not None, say)
+    step, tokens_seen, elapsed_before = 0, 0, 0.0
+    if checkpoint:
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
+        if main_process:  # drop lines logged after the checkpoint: the resumed run logs those steps again
+            rewrite_jsonl(out_dir / "metrics.jsonl", [r for r in read_jsonl(out_dir / "metrics.jsonl") if r["step"] <= step])
+        say(f"resumed from {checkpoint} at step {step}")
+    if main_process:
+        write_run_json(out_dir, run_info)
+
+    stop_signal = []
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+    world, micro_bs, accum = accelerator.num_processes, cfg.train.batch_size, cfg.train.grad_accum
+    global_batch = micro_bs * world
+    lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in train_pairs]
+    if len(train_pairs) < global_batch:
+        raise UserInputError(f"{len(train_pairs)} training pairs cannot fill one batch of "
+                             f"train.batch_size={micro_bs} x {world} processes")
+    epochs: dict[int, list] = {}
+    batches_per_epoch = len(epoch_batches(len(train_pairs), lengths, global_batch, cfg.train.seed, 0))
+
+    def micro_batch(index: int):
+        epoch, within = divmod(index, batches_per_epoch)
+        if epoch not in epochs:
+            epochs.clear()
+            epochs[epoch] = epoch_batches(len(train_pairs), lengths, global_batch, cfg.train.seed, epoch)
+        chosen = epochs[epoch][within][accelerator.process_index * micro_bs:(accelerator.process_index + 1) * micro_bs]
+        return [train_pairs[i] for i in chosen], epoch + within / batches_per_epoch
+
+    def log_row(row: dict) -> None:
+        if main_process:
+            append_jsonl(out_dir / "metrics.jsonl", row)
+
+    def state_now() -> dict:
+        return {"step": step, "tokens": tokens_seen, "elapsed_s": elapsed_before + time.time() - start}
+
+    start, epoch = time.time(), step * accum / batches_per_epoch
+    model.train()
+    bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not main_process, desc=f"{cfg.loss.name} train",
+               dynamic_ncols=True)
+    try:
+        while step < cfg.train.max_steps:
+            step_start, step_terms, step_tokens = time.time(), [], 0
+            learning_rate = scheduler.get_last_lr()[0]
+            for micro in range(accum):
+                pairs, epoch = micro_batch(step * accum + micro)
+                batch = to_device(collate(pairs, tokenizer.pad_token_id, with_rejected=cfg.loss.name == "dpo"),
+                                  accelerator.device)
+                with accelerator.accumulate(model):
+                    logps = forward_logps(model, batch)
+                    if cfg.loss.name == "sft":
+                        loss, terms = sft_terms(logps, batch["response_tokens"])
+                    else:
+                        ref_chosen, ref_rejected = ref_tensors(ref, pairs, accelerator.device)
+                        loss, terms = pair_terms(cfg, logps, batch["response_tokens"], ref_chosen, ref_rejected)
+                    if not torch.isfinite(loss):
+                        raise NonFiniteError(f"step {step + 1}: the loss is {loss.item()} (micro-batch {micro}, "
+                                             f"pairs {[p.id for p in pairs]})")
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm or float("inf"))
+                        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+                            raise NonFiniteError(f"step {step + 1}: the gradient norm is {float(grad_norm)}; "
+                                                 f"nothing was applied")
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_terms.append(terms)
+                step_tokens += batch["tokens"]
+            scheduler.step()
+            step += 1
+            gathered = {k: accelerator.gather(torch.cat([t[k] for t in step_terms]).float()) for k in step_terms[0]}
+            step_tokens = int(accelerator.gather(torch.tensor([step_tokens], device=accelerator.device)).sum())
+            tokens_seen += step_tokens
+            row = summarise(gathered)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}",
+                            tok_s=f"{step_tokens / (time.time() - step_start):.0f}")
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                log_row({"step": step, "epoch": round(epoch, 4), "split": "train", **row,
+                         "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                         "learning_rate": learning_rate, "tokens": tokens_seen,
+                         "tokens_per_s": step_tokens / (time.time() - step_start),
+                         "elapsed_s": elapsed_before + time.time() - start})
+            if step == cfg.train.max_steps:
+                break
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and eval_pairs:
+                log_row({"step": step, "epoch": round(epoch, 4), "split": "eval",
+                         **evaluate(cfg, model, eval_pairs, ref, accelerator, tokenizer.pad_token_id),
+                         "tokens": tokens_seen, "elapsed_s": elapsed_before + time.time() - start})
+            if (cfg.train.save_every and step % cfg.train.save_every == 0) or stop_signal:
+                save_checkpoint(accelerator, out_dir, step, state_now(), cfg.train.keep_checkpoints)
+                if stop_signal:
+                    raise Interrupted(f"signal {stop_signal[0]} at step {step}: checkpoint saved")
+        bar.close()
+        if eval_pairs:
+            final_eval = evaluate(cfg, model, eval_pairs, ref, accelerator, tokenizer.pad_token_id)
+            log_row({"step": step, "epoch": round(epoch, 4), "split": "eval", **final_eval, "tokens": tokens_seen,
+                     "elapsed_s": elapsed_before + time.time() - start})
+            run_info["final_eval"] = final_eval
+        save_checkpoint(accelerator, out_dir, step, state_now(), cfg.train.keep_checkpoints)
+        save_final(cfg, accelerator, model, tokenizer, out_dir)
+        checksum = sum(float(p.detach().double().sum()) for p in accelerator.unwrap_model(model).parameters())
+        run_info["parameter_checksums"] = gather_object([checksum])  # one per process: equal under DDP
+        run_info.update(status="completed", ended=now(), steps=step, tokens=tokens_seen,
+                        elapsed_s=round(elapsed_before + time.time() - start, 2))
+        say(f"done: {step} steps, {tokens_seen} tokens, final model in {out_dir / 'final'}")
+    except (NonFiniteError, Interrupted) as e:
+        bar.close()
+        run_info.update(status="failed" if isinstance(e, NonFiniteError) else "interrupted", error=str(e),
+                        ended=now(), steps=step, last_checkpoint=str(find_checkpoint(out_dir) or ""))
+        raise
+    finally:
+        if main_process:
+            write_run_json(out_dir, run_info)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # a clean teardown keeps gloo from aborting at exit
+    return run_info
+
+
+def precompute_reference(cfg: Config, log=print) -> dict:
+    """Fill the reference log-prob cache for this config's data and exit (the sweep runs this once)."""
+    accelerator = make_accelerator(cfg)
+    say = log if accelerator.is_main_process else (lambda *_: None)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log=say)
+    reference = accelerator.prepare(load_model(cfg.loss.reference_path or cfg.model.path, cfg.model.dtype))
+    _, info = reference_logps(cfg, accelerator, reference, train_pairs + eval_pairs, tokenizer.pad_token_id, False, say)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return info
+
+
 def show_example(tokenizer, tok) -> str:
     input_ids, labels = sequence_and_labels(tok.prompt_ids, tok.chosen_ids)
     masked = [i for i, label in zip(input_ids, labels) if label == IGNORE_INDEX]
@@ -57,8 +700,8 @@ def dry_run(cfg: Config) -> None:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     print(f"model: {cfg.model.path} (dtype {cfg.model.dtype}); loss: {cfg.loss.name}"
           + (f" {cfg.loss.type} beta={cfg.loss.beta}" if cfg.loss.name == "dpo" else ""))
-    train, _ = prepare_data(cfg, tokenizer)
-    print(show_example(tokenizer, train[0]))
+    train_pairs, _ = prepare_data(cfg, tokenizer)
+    print(show_example(tokenizer, train_pairs[0]))
     print("dry run: config and data are valid; nothing was trained")
 
 
@@ -66,17 +709,28 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file in configs/")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.beta=0.05 train.max_steps=10")
-    parser.add_argument("--dry-run", action="store_true", help="validate config and data, show an example, train nothing")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="validate config and data, show an example, train nothing")
+    mode.add_argument("--precompute-ref", action="store_true", help="fill the reference log-prob cache and exit")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             dry_run(cfg)
-            return 0
-        raise UserInputError("training is not implemented yet (issue #3); use --dry-run")
+        elif args.precompute_ref:
+            precompute_reference(cfg)
+        else:
+            train(cfg)
+        return 0
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"error: training stopped, non-finite values: {e}. The last good checkpoint is kept.", file=sys.stderr)
+        return 3
+    except Interrupted as e:
+        print(f"interrupted: {e}; run again to resume", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

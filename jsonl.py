@@ -1,0 +1,55 @@
+"""Append-only JSON Lines: one object per line, written whole and flushed, read back tolerating a torn last line.
+
+    append_jsonl(path, {"step": 3, "loss": 0.69})
+    rows = read_jsonl(path)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+
+def _clean(value):
+    """NaN and inf are not JSON: write them as null so every reader can parse the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    line = json.dumps({k: _clean(v) for k, v in record.items()}, ensure_ascii=False) + "\n"
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+        fh.flush()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Every complete line; a final line cut off by a kill (no newline, not valid JSON) is ignored."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if line.endswith("\n"):
+                    raise ValueError(f"{path}: line {len(rows) + 1} is not valid JSON") from None
+    return rows
+
+
+def rewrite_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Replace the file atomically (write a temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps({k: _clean(v) for k, v in row.items()}, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
