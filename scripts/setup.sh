@@ -59,3 +59,5 @@ fi
 
 .venv/bin/python models.py prepare 2>&1 | grep -v -E "it/s\]|WARNING.*real_accelerator" || true
 test -f models/smollm2-135m-instruct/prepared.json || { echo "setup.sh: default model preparation failed" >&2; exit 1; }
+# A tiny random Llama with the real tokenizer, for tests and smoke runs (configs/tiny.yaml); seconds to make.
+[ -f models/tiny-llama/config.json ] || .venv/bin/python models.py tiny --arch llama --out models/tiny-llama 2>&1 | grep -v WARNING

@@ -1,0 +1,207 @@
+"""Training on tiny models with the real tokenizer and real HH data: SFT, every DPO loss, LoRA, freezing, resume,
+the NaN guard, the reference cache, two processes (DDP) and DeepSpeed ZeRO-2 on CPU."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_dpo
+from config import load_config
+from jsonl import read_jsonl
+from models import save_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+              "logps/rejected", "grad_norm", "learning_rate", "step", "epoch", "split", "tokens", "tokens_per_s",
+              "elapsed_s"}
+EVAL_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+             "logps/rejected", "perplexity", "kl", "step", "split"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, default_model_dir):
+    return save_tiny_model("llama", tmp_path_factory.mktemp("models") / "tiny-llama", str(default_model_dir))
+
+
+def config(tmp_path, tiny_dir, *overrides):
+    return load_config(REPO / "configs" / "tiny.yaml", [
+        f"model.path={tiny_dir}", f"output_dir={tmp_path / 'run'}", f"loss.ref_cache_dir={tmp_path / 'ref_cache'}",
+        *overrides])
+
+
+def run_in_process(cfg):
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    return train_dpo.train(cfg, log=lambda *_: None)
+
+
+def weights(folder: Path) -> dict:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_sft_then_dpo_from_the_sft_model(tmp_path, tiny_dir):
+    sft = config(tmp_path, tiny_dir, "loss.name=sft", "train.max_steps=3", f"output_dir={tmp_path / 'sft'}")
+    info = run_in_process(sft)
+    assert info["status"] == "completed" and info["steps"] == 3
+    rows = read_jsonl(tmp_path / "sft" / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3]
+    assert rows[-1]["split"] == "eval" and rows[-1]["perplexity"] > 1
+    before, after = weights(tiny_dir), weights(tmp_path / "sft" / "final")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    dpo = config(tmp_path, tmp_path / "sft" / "final", "train.max_steps=3", "train.eval_every=2")
+    info = run_in_process(dpo)
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    train_rows = [r for r in rows if r["split"] == "train"]
+    eval_rows = [r for r in rows if r["split"] == "eval"]
+    assert TRAIN_KEYS <= set(train_rows[0]) and EVAL_KEYS <= set(eval_rows[0])
+    assert [r["step"] for r in eval_rows] == [2, 3]
+    assert train_rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # policy == reference at step 1: loss log 2
+    assert train_rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["status"] == "completed" and run["config_hash"] and run["versions"]["torch"]
+    assert (tmp_path / "run" / "config.yaml").read_text() == train_dpo.to_yaml(dpo)
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("loss_type, extra", [
+    ("sigmoid", ["loss.label_smoothing=0.1"]), ("robust", ["loss.label_smoothing=0.1"]), ("hinge", []),
+    ("ipo", []), ("simpo", ["loss.simpo_gamma=0.5", "loss.beta=2.0"]), ("sigmoid", ["loss.rpo_alpha=0.5"]),
+])
+def test_every_loss_type_trains(tmp_path, tiny_dir, loss_type, extra):
+    cfg = config(tmp_path, tiny_dir, f"loss.type={loss_type}", "train.max_steps=2", *extra)
+    info = run_in_process(cfg)
+    assert info["status"] == "completed"
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert ("reference" in info) == (loss_type != "simpo")
+
+
+def test_only_trainable_parameters_change_freeze(tmp_path, tiny_dir):
+    run_in_process(config(tmp_path, tiny_dir, "train.freeze_layers=1", "train.max_steps=3"))
+    before, after = weights(tiny_dir), weights(tmp_path / "run" / "final")
+    frozen = [k for k in before if k.startswith(("model.embed_tokens", "model.layers.0."))]
+    trained = [k for k in before if k.startswith("model.layers.1.")]
+    assert frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+
+
+def test_lora_trains_adapters_only_and_writes_adapter_and_merged(tmp_path, tiny_dir):
+    run_in_process(config(tmp_path, tiny_dir, "lora.r=4", "lora.alpha=8", "train.max_steps=3"))
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter" / "adapter_config.json").is_file() and (final / "config.json").is_file()
+    ckpt = weights(train_dpo.find_checkpoint(tmp_path / "run"))
+    before = weights(tiny_dir)
+    lora_b = [k for k in ckpt if "lora_B" in k]
+    assert lora_b and any(ckpt[k].abs().sum() > 0 for k in lora_b)  # B starts at zero: it moved
+    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in ckpt.items() if "lora_" not in k}
+    assert all(torch.equal(before[k], base[k]) for k in before if k in base) and len(base) >= len(before) - 1
+    merged = weights(final)
+    assert any(not torch.equal(before[k], merged[k]) for k in before if k in merged)
+
+
+class Killed(BaseException):
+    pass
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, tiny_dir, monkeypatch):
+    straight = config(tmp_path, tiny_dir, "train.max_steps=4", "train.save_every=2", f"output_dir={tmp_path / 'a'}")
+    run_in_process(straight)
+    expected = [(r["step"], r["split"], r["loss"]) for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")]
+
+    interrupted = config(tmp_path, tiny_dir, "train.max_steps=4", "train.save_every=2", f"output_dir={tmp_path / 'b'}")
+    real_append = train_dpo.append_jsonl
+
+    def append_then_die(path, row):  # the process dies after logging step 3, past the step-2 checkpoint
+        real_append(path, row)
+        if row["step"] == 3:
+            raise Killed()
+    monkeypatch.setattr(train_dpo, "append_jsonl", append_then_die)
+    with pytest.raises(Killed):
+        run_in_process(interrupted)
+    monkeypatch.setattr(train_dpo, "append_jsonl", real_append)
+    assert [r["step"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3]
+    info = run_in_process(interrupted)
+    assert info["resumed_from"].endswith("step-000002")
+    resumed = [(r["step"], r["split"], r["loss"]) for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")]
+    assert [s for s, _, _ in resumed] == [s for s, _, _ in expected]  # no duplicated steps
+    for got, want in zip(resumed, expected):
+        assert got[:2] == want[:2] and got[2] == pytest.approx(want[2], rel=1e-6, abs=1e-7)
+    assert run_in_process(interrupted)["status"] == "completed"  # a third call finds it finished
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dir, monkeypatch):
+    import dpo_loss
+
+    real_loss, calls = dpo_loss.preference_loss, []
+
+    def inf_on_third_call(*args, **kwargs):
+        losses, chosen, rejected = real_loss(*args, **kwargs)
+        calls.append(1)
+        return (losses + float("inf") if len(calls) == 3 else losses), chosen, rejected
+    monkeypatch.setattr(dpo_loss, "preference_loss", inf_on_third_call)
+    cfg = config(tmp_path, tiny_dir, "train.max_steps=4", "train.save_every=1")
+    with pytest.raises(train_dpo.NonFiniteError, match=r"step 3: the loss is inf"):
+        run_in_process(cfg)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["status"] == "failed" and "step 3" in run["error"] and run["last_checkpoint"].endswith("step-000002")
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+
+def test_reference_cache_is_shared_across_betas(tmp_path, tiny_dir):
+    first = run_in_process(config(tmp_path, tiny_dir, "train.max_steps=1", "loss.beta=0.1", f"output_dir={tmp_path / 'b1'}"))
+    second = run_in_process(config(tmp_path, tiny_dir, "train.max_steps=1", "loss.beta=0.5", f"output_dir={tmp_path / 'b5'}"))
+    assert first["reference"]["cache"] == "miss" and first["reference"]["forward_passes"] > 0
+    assert second["reference"] == {**first["reference"], "cache": "hit", "forward_passes": 0}
+    other_data = run_in_process(config(tmp_path, tiny_dir, "train.max_steps=1", "tokenize.max_length=100",
+                                       f"output_dir={tmp_path / 'len'}"))
+    assert other_data["reference"]["cache"] == "miss" and other_data["reference"]["key"] != first["reference"]["key"]
+
+
+def test_bf16_autocast_and_gradient_checkpointing_run(tmp_path, tiny_dir):
+    info = run_in_process(config(tmp_path, tiny_dir, "train.mixed_precision=bf16", "train.gradient_checkpointing=true",
+                                 "train.max_steps=2", "train.grad_accum=2"))
+    assert info["status"] == "completed"
+    train_rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
+    assert len(train_rows) == 2 and all(r["grad_norm"] > 0 for r in train_rows)
+
+
+def test_config_change_in_a_used_output_dir_is_refused(tmp_path, tiny_dir):
+    run_in_process(config(tmp_path, tiny_dir, "train.max_steps=1"))
+    with pytest.raises(train_dpo.UserInputError, match="differs from this run's config"):
+        run_in_process(config(tmp_path, tiny_dir, "train.max_steps=1", "loss.beta=0.3"))
+
+
+def launch(tmp_path, tiny_dir, launcher_args, env_extra, out):
+    env = {**os.environ, **env_extra}
+    cmd = [str(REPO / ".venv" / "bin" / "accelerate"), "launch", *launcher_args, "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train_dpo.py",
+           "--config", "configs/tiny.yaml", f"model.path={tiny_dir}", f"output_dir={out}",
+           f"loss.ref_cache_dir={tmp_path / 'ref_cache'}", "train.max_steps=3"]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "run.json").read_text())
+
+
+def test_two_process_ddp_keeps_ranks_identical(tmp_path, tiny_dir):
+    info = launch(tmp_path, tiny_dir, ["--multi_gpu"], {"ACCELERATE_USE_CPU": "1"}, tmp_path / "ddp")
+    assert info["status"] == "completed" and info["world_size"] == 2
+    a, b = info["parameter_checksums"]
+    assert a == b
+
+
+def test_deepspeed_zero2_on_cpu_completes(tmp_path, tiny_dir):
+    info = launch(tmp_path, tiny_dir, ["--use_deepspeed", "--deepspeed_config_file", "configs/accelerate/zero2_cpu.json"],
+                  {"DS_ACCELERATOR": "cpu"}, tmp_path / "z2")
+    assert info["status"] == "completed" and info["world_size"] == 2
+    rows = read_jsonl(tmp_path / "z2" / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3]
