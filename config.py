@@ -272,7 +272,9 @@ def _coerce(hint, value, key: str):
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number; got {value!r}")
         return float(value)
     if hint is str:
-        _require(isinstance(value, (str, int, float)) and not isinstance(value, bool), key, f"expected a string; got {value!r}")
+        _require(not isinstance(value, bool), key,
+                 f"expected a string; got {value!r} (YAML reads no/yes/on/off as booleans: quote it, e.g. 'no')")
+        _require(isinstance(value, (str, int, float)), key, f"expected a string; got {value!r}")
         return str(value)
     if origin is list:
         if isinstance(value, str):
@@ -304,10 +306,6 @@ def apply_override(raw: dict, override: str) -> None:
         raise ConfigError(f"override {override!r} is not key=value")
     key, text = override.split("=", 1)
     key = key.strip()
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
     parts = key.split(".")
     cls = Config
     for i, part in enumerate(parts):  # check the key against the schema before touching the dict
@@ -317,6 +315,13 @@ def apply_override(raw: dict, override: str) -> None:
         cls = hints[part] if dataclasses.is_dataclass(hints[part]) else None
         if cls is None and typing.get_origin(hints[part]) is dict and i == len(parts) - 2:
             break  # data.columns.prompt=question sets one entry of a mapping field
+    if cls is None and hints.get(parts[-1]) is str:
+        value = text  # a string field takes the text as typed: `train.mixed_precision=no` is "no", not false
+    else:
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
     node = raw
     for part in parts[:-1]:
         child = node.setdefault(part, {})

@@ -87,3 +87,11 @@ def test_file_errors_name_the_file(tmp_path):
         load_config(wrong)
     with pytest.raises(ConfigError, match="not key=value"):
         load_config(None, ["loss.beta"])
+
+
+def test_string_fields_take_override_text_as_typed_and_yaml_booleans_are_explained(tmp_path):
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "c.yaml"
+    path.write_text("# x\ntrain:\n  mixed_precision: no\n")
+    with pytest.raises(ConfigError, match=r"train.mixed_precision: expected a string; got False \(YAML reads no/yes"):
+        load_config(path)
