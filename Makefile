@@ -9,6 +9,8 @@ setup:
 
 demo: setup
 	$(PY) train_dpo.py --config configs/default.yaml --dry-run
+	$(PY) train_dpo.py --config configs/default.yaml loss.name=sft train.lr=1e-5 output_dir=logs/default/sft
+	$(PY) train_dpo.py --config configs/default.yaml model.path=logs/default/sft/final output_dir=logs/default/dpo
 
 test:
 	bash scripts/setup.sh --test

@@ -89,45 +89,85 @@ def epoch_batches(n_pairs: int, lengths: list[int], global_batch: int, seed: int
 
 
 def collate(pairs, pad_token_id: int, with_rejected: bool = True) -> dict:
-    """Chosen (and rejected) of every pair in one batch: rows [chosen_0..chosen_B-1, rejected_0..rejected_B-1].
-
-    Prompts are left-padded so that every response starts at the same column P; positions come from the attention
-    mask, so padding changes nothing. Only the last R+1 positions need logits (logits_to_keep), which keeps the
-    49k-wide LM head off the prompt tokens: the biggest saving in memory and time over computing all logits.
-    """
+    """Chosen (and rejected) of every pair in one batch: rows [chosen_0..chosen_B-1, rejected_0..rejected_B-1],
+    right-padded to the longest row; labels mask the prompts and the padding."""
     import torch
 
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs]
     if with_rejected:
         rows += [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    prompt_len = max(len(prompt) for prompt, _ in rows)
-    response_len = max(len(response) for _, response in rows)
-    input_ids = torch.full((len(rows), prompt_len + response_len), pad_token_id, dtype=torch.long)
+    width = max(len(prompt) + len(response) for prompt, response in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention = torch.zeros_like(input_ids)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     for i, (prompt, response) in enumerate(rows):
         ids, row_labels = sequence_and_labels(prompt, response)
-        start = prompt_len - len(prompt)
-        input_ids[i, start:start + len(ids)] = torch.tensor(ids)
-        attention[i, start:start + len(ids)] = 1
-        labels[i, start:start + len(ids)] = torch.tensor(row_labels)
-    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-    keep = response_len + 1
-    return {"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids,
-            "labels": labels[:, -keep:], "logits_to_keep": keep,
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        attention[i, :len(ids)] = 1
+        labels[i, :len(ids)] = torch.tensor(row_labels)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
             "response_tokens": (labels != IGNORE_INDEX).sum(-1), "tokens": int(attention.sum())}
 
 
 # ---------------------------------------------------------------- model passes
 
 
+def _chunk_token_logps(lm_head, hidden, targets):
+    import torch
+
+    logits = lm_head(hidden).float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def add_logps_head(model, chunk_tokens: int = 1024):
+    """Patch `model.forward` so that `model(..., logps_labels=labels)` returns the summed label log-probs per row.
+
+    Only positions with a label go through the LM head, in chunks of `chunk_tokens` recomputed in the backward pass
+    (activation checkpointing), so the [rows, length, vocab] logits never exist: with a 49k vocabulary they are the
+    largest tensors of a DPO step. Patching the inner module keeps DDP, DeepSpeed and PEFT wrappers in the path.
+    Equals dpo_loss.sequence_logps on the full logits (tested). Calls without logps_labels run the original forward.
+    """
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    if getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
+        return model  # heads that transform logits: keep the plain path (forward_logps falls back)
+    original_forward = model.forward
+    backbone = getattr(model, model.base_model_prefix)
+    lm_head = model.get_output_embeddings()
+
+    def forward(*args, logps_labels=None, **kwargs):
+        if logps_labels is None:
+            return original_forward(*args, **kwargs)
+        kwargs.pop("logits_to_keep", None)
+        hidden = backbone(*args, **kwargs).last_hidden_state
+        labels = logps_labels[:, 1:]
+        mask = labels != IGNORE_INDEX
+        rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
+        states, targets = hidden[:, :-1][mask], labels[mask]
+        pieces = [checkpoint(_chunk_token_logps, lm_head, states[i:i + chunk_tokens], targets[i:i + chunk_tokens],
+                             use_reentrant=False) for i in range(0, states.shape[0], chunk_tokens)]
+        token_logps = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
+        return torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, token_logps)
+
+    model.forward = forward
+    model._has_logps_head = True
+    return model
+
+
 def forward_logps(model, batch):
     """Summed response log-probs [rows] for a collated batch."""
     from dpo_loss import sequence_logps
 
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=batch["logits_to_keep"], use_cache=False)
-    return sequence_logps(out.logits, batch["labels"])
+    inner = model
+    while hasattr(inner, "module"):  # DDP / DeepSpeed wrappers
+        inner = inner.module
+    fused = getattr(inner, "_has_logps_head", False) or getattr(getattr(inner, "get_base_model", lambda: None)(),
+                                                                 "_has_logps_head", False)
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    if fused:
+        return model(**inputs, logps_labels=batch["labels"])
+    return sequence_logps(model(**inputs).logits, batch["labels"])
 
 
 def to_device(batch, device):
@@ -246,8 +286,8 @@ def compute_logps(model, pairs, accelerator, batch_size: int, pad_token_id: int,
     return merged
 
 
-def reference_logps(cfg: Config, accelerator, policy, pairs, pad_token_id, resumed: bool, log) -> tuple[dict, dict]:
-    """Cached reference log-probs for these pairs; computed (once) with the starting policy or loss.reference_path."""
+def reference_logps(cfg: Config, accelerator, get_reference, pairs, pad_token_id, log) -> tuple[dict, dict]:
+    """Reference log-probs for these pairs from the cache, or computed once with get_reference() and cached."""
     import torch
 
     key = reference_key(cfg, pairs)
@@ -258,12 +298,7 @@ def reference_logps(cfg: Config, accelerator, policy, pairs, pad_token_id, resum
         return torch.load(path, weights_only=True)["logps"], info
     info["cache"] = "miss"
     start = time.time()
-    if cfg.loss.reference_path or resumed:  # the policy has moved (or is not the reference): load the reference
-        reference = load_model(cfg.loss.reference_path or cfg.model.path, cfg.model.dtype).to(accelerator.device)
-        reference.requires_grad_(False)
-    else:  # before the first step the policy *is* the reference (with LoRA: adapters start as a no-op)
-        reference = policy
-    logps = compute_logps(reference, pairs, accelerator, cfg.train.eval_batch_size, pad_token_id,
+    logps = compute_logps(get_reference(), pairs, accelerator, cfg.train.eval_batch_size, pad_token_id,
                           progress="reference log-probs")
     info["forward_passes"] = math.ceil(len(pairs) / cfg.train.eval_batch_size)
     if accelerator.is_main_process:
@@ -273,8 +308,6 @@ def reference_logps(cfg: Config, accelerator, policy, pairs, pad_token_id, resum
         os.replace(tmp, path)
     accelerator.wait_for_everyone()
     log(f"reference log-probs: computed for {len(pairs)} pairs in {time.time() - start:.1f} s, cached at {path}")
-    if reference is not policy:
-        del reference
     return logps, info
 
 
@@ -427,7 +460,7 @@ def freeze_first_layers(model, n_layers: int) -> None:
 
 
 def build_policy(cfg: Config):
-    model = load_model(cfg.model.path, cfg.model.dtype)
+    model = add_logps_head(load_model(cfg.model.path, cfg.model.dtype))  # before PEFT wraps it
     disable_dropout(model)
     if cfg.train.freeze_layers:
         freeze_first_layers(model, cfg.train.freeze_layers)
@@ -541,8 +574,13 @@ def train(cfg: Config, log=print) -> dict:
 
     ref = None
     if cfg.loss.name == "dpo" and cfg.loss.type != "simpo":
-        ref, run_info["reference"] = reference_logps(cfg, accelerator, model, train_pairs + eval_pairs,
-                                                     tokenizer.pad_token_id, checkpoint is not None, say)
+        def get_reference():  # runs before load_state, so the policy still holds its starting weights
+            if not cfg.loss.reference_path:
+                return model  # the policy is the reference (with LoRA: B starts at zero, adapters are a no-op)
+            reference = add_logps_head(load_model(cfg.loss.reference_path, cfg.model.dtype))
+            return reference.to(accelerator.device).requires_grad_(False)
+        ref, run_info["reference"] = reference_logps(cfg, accelerator, get_reference, train_pairs + eval_pairs,
+                                                     tokenizer.pad_token_id, say)
     step, tokens_seen, elapsed_before = 0, 0, 0.0
     if checkpoint:
         accelerator.load_state(str(checkpoint))
@@ -674,8 +712,10 @@ def precompute_reference(cfg: Config, log=print) -> dict:
     say = log if accelerator.is_main_process else (lambda *_: None)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log=say)
-    reference = accelerator.prepare(load_model(cfg.loss.reference_path or cfg.model.path, cfg.model.dtype))
-    _, info = reference_logps(cfg, accelerator, reference, train_pairs + eval_pairs, tokenizer.pad_token_id, False, say)
+    _, info = reference_logps(
+        cfg, accelerator,
+        lambda: accelerator.prepare(add_logps_head(load_model(cfg.loss.reference_path or cfg.model.path, cfg.model.dtype))),
+        train_pairs + eval_pairs, tokenizer.pad_token_id, say)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return info

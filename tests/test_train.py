@@ -205,3 +205,39 @@ def test_deepspeed_zero2_on_cpu_completes(tmp_path, tiny_dir):
     assert info["status"] == "completed" and info["world_size"] == 2
     rows = read_jsonl(tmp_path / "z2" / "metrics.jsonl")
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3]
+
+
+def test_precompute_ref_fills_the_cache_a_run_then_hits(tmp_path, tiny_dir):
+    result = subprocess.run([sys.executable, "train_dpo.py", "--config", "configs/tiny.yaml", "--precompute-ref",
+                             f"model.path={tiny_dir}", f"loss.ref_cache_dir={tmp_path / 'ref_cache'}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(list((tmp_path / "ref_cache").glob("*.pt"))) == 1
+    info = run_in_process(config(tmp_path, tiny_dir, "train.max_steps=1"))
+    assert info["reference"]["cache"] == "hit" and info["reference"]["forward_passes"] == 0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "mistral"])
+def test_fused_logps_head_equals_sequence_logps_and_its_gradients(tokenizer, arch):
+    from chat_format import tokenize_pair
+    from dpo_loss import sequence_logps
+    from models import build_tiny_model
+    from preference_data import PreferencePair
+
+    def pair(i, n):
+        return PreferencePair(id=f"p{i}", prompt=({"role": "user", "content": "word " * n},), chosen="yes " * (n + 2),
+                              rejected="no")
+    batch = train_dpo.collate([tokenize_pair(tokenizer, pair(i, n), 128, 64) for i, n in enumerate([3, 20, 9])],
+                              tokenizer.pad_token_id)
+    plain = build_tiny_model(arch, tokenizer)
+    train_dpo.disable_dropout(plain)
+    fused = train_dpo.add_logps_head(build_tiny_model(arch, tokenizer), chunk_tokens=7)
+    train_dpo.disable_dropout(fused)
+    expected = sequence_logps(plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                              batch["labels"])
+    got = train_dpo.forward_logps(fused, batch)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-5)
+    expected.sum().backward()
+    got.sum().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), fused.named_parameters()):
+        assert (a.grad - b.grad).abs().max() <= 1e-3 * a.grad.abs().max(), name

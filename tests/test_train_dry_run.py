@@ -12,7 +12,7 @@ def run(*args):
 
 
 def test_default_config_dry_run():
-    result = run("--config", "configs/default.yaml", "--dry-run")
+    result = run("--config", "configs/default.yaml", "--dry-run", "data.max_pairs=0", "data.eval_fraction=0.05")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "records read: 2312" in out and "pairs kept: 2303" in out
@@ -20,6 +20,12 @@ def test_default_config_dry_run():
     assert "split (train.seed=0, data.eval_fraction=0.05): train 2188, eval 115" in out
     assert "masked from the loss" in out and "<|im_start|>assistant" in out
     assert "nothing was trained" in out
+
+
+def test_default_config_as_shipped():
+    result = run("--config", "configs/default.yaml", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "pairs kept: 192" in result.stdout and "train 168, eval 24" in result.stdout
 
 
 def test_dry_run_with_overrides_changes_the_split():
