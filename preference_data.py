@@ -151,6 +151,16 @@ def _read_hub(cfg: DataConfig) -> Iterator[tuple[str, dict]]:
         yield f"{cfg.path}[{cfg.split}] record {i}", record
 
 
+def _read_text(path: Path, encoding: str) -> str:
+    """A whole file as text; bytes that are not UTF-8 raise DataError naming the line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start})") from None
+
+
 def _looks_like_path(path: str) -> bool:
     return path.startswith((".", "/", "~")) or Path(path).suffix.lower() in {".json", ".jsonl", ".gz", ".csv", ".parquet"}
 
@@ -171,24 +181,12 @@ def read_records(cfg: DataConfig) -> Iterator[tuple[str, dict | BadRecord]]:
     elif name.endswith(".jsonl"):
         yield from _read_jsonl(path, open)
     elif name.endswith(".json"):
-        raw = path.read_bytes()
-        if raw.lstrip()[:1] == b"[":
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                line = raw[: e.start].count(b"\n") + 1
-                raise DataError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start})") from None
-            yield from _read_json_array(path, text)
+        if path.read_bytes().lstrip()[:1] == b"[":
+            yield from _read_json_array(path, _read_text(path, "utf-8"))
         else:
             yield from _read_jsonl(path, open)
     elif name.endswith(".csv"):
-        raw = path.read_bytes()
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise DataError(f"{path}:{line}: not UTF-8 ({e.reason} at byte {e.start})") from None
-        yield from _read_csv(path, text)
+        yield from _read_csv(path, _read_text(path, "utf-8-sig"))
     elif name.endswith(".parquet"):
         yield from _read_parquet(path)
     else:

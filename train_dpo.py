@@ -594,8 +594,8 @@ def train(cfg: Config, log=print) -> dict:
         write_run_json(out_dir, run_info)
 
     stop_signal = []
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+    previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+                         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
 
     world, micro_bs, accum = accelerator.num_processes, cfg.train.batch_size, cfg.train.grad_accum
     global_batch = micro_bs * world
@@ -698,6 +698,8 @@ def train(cfg: Config, log=print) -> dict:
                         ended=now(), steps=step, last_checkpoint=str(find_checkpoint(out_dir) or ""))
         raise
     finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
         if main_process:
             write_run_json(out_dir, run_info)
         accelerator.wait_for_everyone()

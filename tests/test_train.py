@@ -241,3 +241,27 @@ def test_fused_logps_head_equals_sequence_logps_and_its_gradients(tokenizer, arc
     got.sum().backward()
     for (name, a), (_, b) in zip(plain.named_parameters(), fused.named_parameters()):
         assert (a.grad - b.grad).abs().max() <= 1e-3 * a.grad.abs().max(), name
+
+
+def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes(tmp_path, tiny_dir):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train_dpo.py", "--config", "configs/tiny.yaml", f"model.path={tiny_dir}",
+           f"output_dir={out}", f"loss.ref_cache_dir={tmp_path / 'ref_cache'}", "train.max_steps=150"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while len(read_jsonl(out / "metrics.jsonl")) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 143, stderr[-2000:]
+    run = json.loads((out / "run.json").read_text())
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl")]
+    assert run["status"] == "interrupted" and 3 <= steps[-1] < 150
+    assert run["last_checkpoint"].endswith(f"step-{steps[-1]:06d}")
+    resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"]
+    assert steps == list(range(1, 151))
