@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 
-def _token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[label] for one sequence: [T, V], [T] -> [T], in float32.
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[label] for a run of tokens: [T, V], [T] -> [T], in float32.
 
     logsumexp over the vocabulary row by row instead of a full log_softmax: with a 49k vocabulary the fp32
     log_softmax of a whole batch is the largest tensor of the step.
@@ -34,9 +34,8 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     logits, labels = logits[:, :-1], labels[:, 1:]
     mask = labels != ignore_index
     safe_labels = labels.masked_fill(~mask, 0)
-    token_logps = torch.stack([_token_logps(row_logits, row_labels) for row_logits, row_labels in zip(logits, safe_labels)])
-    token_logps = torch.where(mask, token_logps, torch.zeros_like(token_logps))
-    total = token_logps.sum(-1)
+    per_token = torch.stack([token_logps(row_logits, row_labels) for row_logits, row_labels in zip(logits, safe_labels)])
+    total = torch.where(mask, per_token, torch.zeros_like(per_token)).sum(-1)
     if average:
         return total / mask.sum(-1).clamp(min=1)
     return total

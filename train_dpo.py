@@ -38,7 +38,7 @@ from models import load_model, load_tokenizer
 from preference_data import load_pairs, split_pairs
 
 REPO = Path(__file__).resolve().parent
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 class NonFiniteError(RuntimeError):
@@ -112,62 +112,51 @@ def collate(pairs, pad_token_id: int, with_rejected: bool = True) -> dict:
 # ---------------------------------------------------------------- model passes
 
 
-def _chunk_token_logps(lm_head, hidden, targets):
-    import torch
-
-    logits = lm_head(hidden).float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
 def add_logps_head(model, chunk_tokens: int = 1024):
     """Patch `model.forward` so that `model(..., logps_labels=labels)` returns the summed label log-probs per row.
 
     Only positions with a label go through the LM head, in chunks of `chunk_tokens` recomputed in the backward pass
     (activation checkpointing), so the [rows, length, vocab] logits never exist: with a 49k vocabulary they are the
     largest tensors of a DPO step. Patching the inner module keeps DDP, DeepSpeed and PEFT wrappers in the path.
-    Equals dpo_loss.sequence_logps on the full logits (tested). Calls without logps_labels run the original forward.
+    Equals dpo_loss.sequence_logps on the full logits (tested). Calls without logps_labels run the original forward;
+    heads that transform logits (soft-capping, scaling) take the full-logits path.
     """
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    if getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None):
-        return model  # heads that transform logits: keep the plain path (forward_logps falls back)
+    from dpo_loss import sequence_logps, token_logps
+
     original_forward = model.forward
     backbone = getattr(model, model.base_model_prefix)
     lm_head = model.get_output_embeddings()
+    plain_head = not (getattr(model.config, "final_logit_softcapping", None) or getattr(model.config, "logit_scale", None))
+
+    def chunk_logps(hidden, targets):
+        return token_logps(lm_head(hidden), targets)
 
     def forward(*args, logps_labels=None, **kwargs):
         if logps_labels is None:
             return original_forward(*args, **kwargs)
-        kwargs.pop("logits_to_keep", None)
+        if not plain_head:
+            return sequence_logps(original_forward(*args, **kwargs).logits, logps_labels)
         hidden = backbone(*args, **kwargs).last_hidden_state
         labels = logps_labels[:, 1:]
         mask = labels != IGNORE_INDEX
         rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
         states, targets = hidden[:, :-1][mask], labels[mask]
-        pieces = [checkpoint(_chunk_token_logps, lm_head, states[i:i + chunk_tokens], targets[i:i + chunk_tokens],
-                             use_reentrant=False) for i in range(0, states.shape[0], chunk_tokens)]
-        token_logps = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
-        return torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, token_logps)
+        pieces = [checkpoint(chunk_logps, states[i:i + chunk_tokens], targets[i:i + chunk_tokens], use_reentrant=False)
+                  for i in range(0, states.shape[0], chunk_tokens)]
+        token_values = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
+        return torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, token_values)
 
     model.forward = forward
-    model._has_logps_head = True
     return model
 
 
 def forward_logps(model, batch):
-    """Summed response log-probs [rows] for a collated batch."""
-    from dpo_loss import sequence_logps
-
-    inner = model
-    while hasattr(inner, "module"):  # DDP / DeepSpeed wrappers
-        inner = inner.module
-    fused = getattr(inner, "_has_logps_head", False) or getattr(getattr(inner, "get_base_model", lambda: None)(),
-                                                                 "_has_logps_head", False)
-    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    if fused:
-        return model(**inputs, logps_labels=batch["labels"])
-    return sequence_logps(model(**inputs).logits, batch["labels"])
+    """Summed response log-probs [rows] for a collated batch; the model carries add_logps_head."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                 logps_labels=batch["labels"])
 
 
 def to_device(batch, device):
@@ -263,7 +252,8 @@ def padded_shards(items: list, batch_size: int, rank: int, world: int) -> list[t
 
 
 def compute_logps(model, pairs, accelerator, batch_size: int, pad_token_id: int, progress: str = "") -> dict:
-    """{pair id: (chosen sum, rejected sum)} over all pairs, the work split across processes."""
+    """{pair id: (chosen sum, rejected sum, chosen tokens, rejected tokens)} over all pairs, in eval mode and without
+    gradients, the work split across processes."""
     import torch
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
@@ -275,10 +265,12 @@ def compute_logps(model, pairs, accelerator, batch_size: int, pad_token_id: int,
     with torch.no_grad():
         for batch_pairs, n_real in tqdm(shards, desc=progress, disable=not progress or not accelerator.is_main_process,
                                         leave=False):
-            logps = forward_logps(model, to_device(collate(batch_pairs, pad_token_id), accelerator.device)).float().cpu()
+            batch = to_device(collate(batch_pairs, pad_token_id), accelerator.device)
+            logps = forward_logps(model, batch).float().cpu()
+            n_tokens = batch["response_tokens"].float().cpu()
             half = len(batch_pairs)
             for i, p in enumerate(batch_pairs[:n_real]):
-                results[p.id] = (float(logps[i]), float(logps[half + i]))
+                results[p.id] = (float(logps[i]), float(logps[half + i]), float(n_tokens[i]), float(n_tokens[half + i]))
     model.train(was_training)
     merged = {}
     for part in gather_object([results]):
@@ -326,28 +318,19 @@ def ref_tensors(ref: dict | None, pairs, device):
 def evaluate(cfg: Config, model, pairs, ref, accelerator, pad_token_id) -> dict:
     """Held-out metrics: loss, rewards/*, logps/*, perplexity of chosen responses, KL estimate; all processes."""
     import torch
-    from accelerate.utils import gather_object
 
     if cfg.train.max_eval_pairs:
         pairs = pairs[:cfg.train.max_eval_pairs]
-    model.eval()
-    per_pair = []
-    with torch.no_grad():
-        for batch_pairs, n_real in padded_shards(pairs, cfg.train.eval_batch_size, accelerator.process_index,
-                                                 accelerator.num_processes):
-            batch = to_device(collate(batch_pairs, pad_token_id), accelerator.device)
-            logps = forward_logps(model, batch).float()
-            if cfg.loss.name == "sft":
-                half = len(batch_pairs)
-                _, terms = sft_terms(logps[:half], batch["response_tokens"][:half])
-                terms["logps/rejected"] = logps[half:]
-            else:
-                ref_chosen, ref_rejected = ref_tensors(ref, batch_pairs, accelerator.device)
-                _, terms = pair_terms(cfg, logps, batch["response_tokens"], ref_chosen, ref_rejected)
-            per_pair += [{k: float(v[i]) for k, v in terms.items()} for i in range(n_real)]
-    model.train()
-    rows = [row for part in gather_object([per_pair]) for row in part]
-    return summarise({k: torch.tensor([row[k] for row in rows]) for k in rows[0]}) if rows else {}
+    values = compute_logps(model, pairs, accelerator, cfg.train.eval_batch_size, pad_token_id)
+    chosen, rejected, n_chosen, n_rejected = torch.tensor([values[p.id] for p in pairs]).unbind(1)
+    if cfg.loss.name == "sft":
+        _, terms = sft_terms(chosen, n_chosen)
+        terms["logps/rejected"] = rejected
+    else:
+        ref_chosen, ref_rejected = ref_tensors(ref, pairs, "cpu")
+        _, terms = pair_terms(cfg, torch.cat([chosen, rejected]), torch.cat([n_chosen, n_rejected]),
+                              ref_chosen, ref_rejected)
+    return summarise(terms)
 
 
 # ---------------------------------------------------------------- run bookkeeping
@@ -618,6 +601,12 @@ def train(cfg: Config, log=print) -> dict:
         if main_process:
             append_jsonl(out_dir / "metrics.jsonl", row)
 
+    def log_eval() -> dict:
+        metrics = evaluate(cfg, model, eval_pairs, ref, accelerator, tokenizer.pad_token_id)
+        log_row({"step": step, "epoch": round(epoch, 4), "split": "eval", **metrics, "tokens": tokens_seen,
+                 "elapsed_s": elapsed_before + time.time() - start})
+        return metrics
+
     def state_now() -> dict:
         return {"step": step, "tokens": tokens_seen, "elapsed_s": elapsed_before + time.time() - start}
 
@@ -672,19 +661,14 @@ def train(cfg: Config, log=print) -> dict:
             if step == cfg.train.max_steps:
                 break
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and eval_pairs:
-                log_row({"step": step, "epoch": round(epoch, 4), "split": "eval",
-                         **evaluate(cfg, model, eval_pairs, ref, accelerator, tokenizer.pad_token_id),
-                         "tokens": tokens_seen, "elapsed_s": elapsed_before + time.time() - start})
+                log_eval()
             if (cfg.train.save_every and step % cfg.train.save_every == 0) or stop_signal:
                 save_checkpoint(accelerator, out_dir, step, state_now(), cfg.train.keep_checkpoints)
                 if stop_signal:
                     raise Interrupted(f"signal {stop_signal[0]} at step {step}: checkpoint saved")
         bar.close()
         if eval_pairs:
-            final_eval = evaluate(cfg, model, eval_pairs, ref, accelerator, tokenizer.pad_token_id)
-            log_row({"step": step, "epoch": round(epoch, 4), "split": "eval", **final_eval, "tokens": tokens_seen,
-                     "elapsed_s": elapsed_before + time.time() - start})
-            run_info["final_eval"] = final_eval
+            run_info["final_eval"] = log_eval()
         save_checkpoint(accelerator, out_dir, step, state_now(), cfg.train.keep_checkpoints)
         save_final(cfg, accelerator, model, tokenizer, out_dir)
         checksum = sum(float(p.detach().double().sum()) for p in accelerator.unwrap_model(model).parameters())
