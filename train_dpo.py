@@ -383,8 +383,10 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, state: dict, keep: in
     tmp = out_dir / "checkpoints" / f".tmp-step-{step:06d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every rank writes its own RNG file here: none may be renamed away mid-write
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)

@@ -186,9 +186,12 @@ def launch(tmp_path, tiny_dir, launcher_args, env_extra, out):
     cmd = [str(REPO / ".venv" / "bin" / "accelerate"), "launch", *launcher_args, "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train_dpo.py",
            "--config", "configs/tiny.yaml", f"model.path={tiny_dir}", f"output_dir={out}",
-           f"loss.ref_cache_dir={tmp_path / 'ref_cache'}", "train.max_steps=3"]
+           f"loss.ref_cache_dir={tmp_path / 'ref_cache'}", "train.max_steps=3", "train.save_every=1"]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = train_dpo.find_checkpoint(out)  # every rank's RNG state landed inside the renamed folder
+    assert checkpoint.name == "step-000003" and {"random_states_0.pkl", "random_states_1.pkl"} <= {
+        p.name for p in checkpoint.iterdir()}
     return json.loads((out / "run.json").read_text())
 
 
