@@ -1,5 +1,5 @@
 # The two commands (see README):
-#   make demo   set up .venv and the default model, then run the main job on the embedded default
+#   make demo   set up .venv and the default model, then run the embedded default sweep (SFT + 3 DPO runs, local)
 #   make test   set up .venv with test dependencies, then run the whole test suite (what .ci/run calls)
 PY := .venv/bin/python
 
@@ -9,9 +9,10 @@ setup:
 
 demo: setup
 	$(PY) train_dpo.py --config configs/default.yaml --dry-run
-	$(PY) train_dpo.py --config configs/default.yaml loss.name=sft train.lr=1e-5 output_dir=logs/default/sft
-	$(PY) train_dpo.py --config configs/default.yaml model.path=logs/default/sft/final output_dir=logs/default/dpo
+	$(PY) slurm/sweep.py --config configs/sweep_default.yaml --executor local
+	$(PY) slurm/sweep.py --config configs/sweep_default.yaml --status
 
+# The local Slurm cluster comes up before the tests and goes down after them, pass or fail.
 test:
 	bash scripts/setup.sh --test
-	$(PY) -m pytest tests
+	trap 'bash slurm/local_cluster.sh down' EXIT; bash slurm/local_cluster.sh up && $(PY) -m pytest tests

@@ -648,7 +648,10 @@ def train(cfg: Config, log=print) -> dict:
             scheduler.step()
             step += 1
             gathered = {k: accelerator.gather(torch.cat([t[k] for t in step_terms]).float()) for k in step_terms[0]}
-            step_tokens = int(accelerator.gather(torch.tensor([step_tokens], device=accelerator.device)).sum())
+            # Slurm may signal only some ranks (or at different moments): every rank stops at the same step if any saw it.
+            counts = accelerator.gather(torch.tensor([[step_tokens, len(stop_signal)]], device=accelerator.device))
+            step_tokens = int(counts[:, 0].sum())
+            stop_now = bool(counts[:, 1].sum() > 0)
             tokens_seen += step_tokens
             row = summarise(gathered)
             bar.update(1)
@@ -664,10 +667,10 @@ def train(cfg: Config, log=print) -> dict:
                 break
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and eval_pairs:
                 log_eval()
-            if (cfg.train.save_every and step % cfg.train.save_every == 0) or stop_signal:
+            if (cfg.train.save_every and step % cfg.train.save_every == 0) or stop_now:
                 save_checkpoint(accelerator, out_dir, step, state_now(), cfg.train.keep_checkpoints)
-                if stop_signal:
-                    raise Interrupted(f"signal {stop_signal[0]} at step {step}: checkpoint saved")
+                if stop_now:
+                    raise Interrupted(f"signal {(stop_signal or ['on another rank'])[0]} at step {step}: checkpoint saved")
         bar.close()
         if eval_pairs:
             run_info["final_eval"] = log_eval()

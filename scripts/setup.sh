@@ -2,19 +2,40 @@
 # Create or refresh .venv and prepare the default model. Idempotent: a second run with unchanged requirement
 # files skips pip (a stamp in .venv records what was installed) and the model conversion (models/…/prepared.json).
 #   bash scripts/setup.sh          # pipeline dependencies + default model
-#   bash scripts/setup.sh --test   # the same, plus test dependencies (pytest, hypothesis, TRL)
+#   bash scripts/setup.sh --test   # the same, plus test dependencies (pytest, hypothesis, TRL) and Slurm
+#   bash scripts/setup.sh --slurm  # the same as the first, plus Debian's Slurm, munge, slurmdbd and MariaDB (root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-want_test=0
+want_test=0 want_slurm=0
 for arg in "$@"; do
   case "$arg" in
-    --test) want_test=1 ;;
+    --test) want_test=1 want_slurm=1 ;;
+    --slurm) want_slurm=1 ;;
     *) echo "setup.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
 
 log() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+
+# The local Slurm cluster (slurm/local_cluster.sh) runs Debian's daemons; the sweep tests use it.
+if [ "$want_slurm" = 1 ]; then
+  missing=()
+  for cmd in slurmctld slurmd sbatch sacct munged slurmdbd mariadbd; do
+    command -v "$cmd" >/dev/null || missing+=("$cmd")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    packages=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
+    if [ "$(id -u)" != 0 ]; then
+      echo "setup.sh: ${missing[*]} missing; as root: apt-get install --no-install-recommends ${packages[*]}" >&2
+      exit 1
+    fi
+    log "installing ${packages[*]} from Debian (~20 s)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+  fi
+fi
 
 python=""
 for candidate in python3.11 python3; do

@@ -1,0 +1,906 @@
+"""Launch a DPO sweep through submitit: the SFT baseline, the reference log-probs once, then one job array of DPO runs.
+
+    python slurm/sweep.py --config configs/sweep_default.yaml                   # submit to Slurm
+    python slurm/sweep.py --config configs/sweep_tiny.yaml --executor local     # same sweep, local processes
+    python slurm/sweep.py --config configs/sweep_tiny.yaml --executor debug     # same sweep, in this process
+    python slurm/sweep.py --config configs/sweep_default.yaml --dry-run         # print the plan, submit nothing
+    python slurm/sweep.py --config configs/sweep_default.yaml --status          # where every run stands
+    python slurm/sweep.py --config configs/sweep_default.yaml --cancel          # cancel the sweep's jobs
+    python slurm/sweep.py --config configs/sweep_default.yaml slurm.partition=gpu grid.loss.beta=[0.05,0.1]
+
+The sweep YAML names a base training config, overrides for every run, a grid (any training config key) and Slurm
+resources. Runs get readable names from the grid (`beta0.1_seed0`) and write to <root>/<name>/<run>/; the SFT
+baseline writes to <root>/<name>/sft/ and the shared reference cache lives in <root>/<name>/ref_cache/.
+
+Stages, chained with Slurm dependencies (afterok, and dependants are cancelled if a stage fails):
+  1. SFT baseline, unless it finished already (same resolved config) or sft.path names a model;
+  2. `train_dpo.py --precompute-ref`, once per distinct (reference, data, tokenisation);
+  3. the DPO runs as one job array (capped by slurm.array_parallelism).
+Every job runs `accelerate launch` (one process per GPU, or launch.cpu_processes on CPU; multi-node through
+submitit's srun, one task per node) on a snapshot of the code taken at submission, from resolved config files
+written to <root>/<name>/configs/. Jobs are submitit Checkpointables: on Slurm's pre-timeout signal (USR2) or a
+preemption the run saves a checkpoint at the next step boundary, the job requeues itself and resumes from it.
+
+Running the launcher again submits only what is missing or failed: a run is finished when its run.json says
+completed for the same resolved config, and a run whose job is still pending or running is left alone.
+With --executor local or debug the launcher runs the stages one after another and waits.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import submitit  # noqa: E402
+import yaml  # noqa: E402
+
+from config import Config, ConfigError, UserInputError, apply_override, load_config, to_dict, to_yaml  # noqa: E402
+from jsonl import read_jsonl  # noqa: E402
+
+if __name__ != "__main__":  # imported (tests): jobs must still unpickle where this folder is not importable
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+LAUNCHER_KEYS = ("output_dir", "loss.name", "loss.ref_cache_dir")  # set by the launcher for every run
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
+                 "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
+SHORT_NAMES = {"loss.type": "", "loss.label_smoothing": "ls", "train.learning_rate": "lr"}
+
+
+# ---------------------------------------------------------------- the sweep file
+
+
+@dataclass
+class SlurmResources:
+    partition: str | None = None
+    """Slurm partition (sbatch --partition); none: the cluster's default."""
+    account: str | None = None
+    """Account to charge (--account)."""
+    qos: str | None = None
+    """Quality of service (--qos)."""
+    constraint: str | None = None
+    """Node features, e.g. a100|h100 (--constraint)."""
+    nodes: int = 1
+    """Nodes per run; above 1 each node runs accelerate launch through srun (one task per node)."""
+    gpus_per_node: int = 0
+    """GPUs per node, one training process each; 0 trains on CPU with launch.cpu_processes processes."""
+    cpus_per_task: int = 2
+    """CPU cores per node (the one task per node)."""
+    mem_gb: float = 8
+    """Memory per node in GB (--mem)."""
+    timeout_min: int = 60
+    """Time limit per job; a run that hits it checkpoints, requeues and resumes."""
+    array_parallelism: int = 64
+    """At most this many array tasks run at once (--array=...%N)."""
+    signal_delay_s: int = 120
+    """Slurm sends USR2 this long before the time limit (it may come up to 60 s early): time to checkpoint."""
+    max_num_timeout: int = 20
+    """Requeues after hitting the time limit before a run gives up (preemptions do not count)."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run in the batch script before the job, e.g. `module load cuda/12.4`."""
+    additional: dict[str, str] = field(default_factory=dict)
+    """Any other sbatch option, without dashes: {exclude: 'node[01-02]', mail_type: END}."""
+
+    def __post_init__(self):
+        for name in ("nodes", "cpus_per_task", "timeout_min", "array_parallelism"):
+            _require(getattr(self, name) >= 1, f"slurm.{name}", "must be at least 1")
+        _require(self.gpus_per_node >= 0, "slurm.gpus_per_node", "must be 0 or more")
+        _require(self.mem_gb > 0, "slurm.mem_gb", "must be positive")
+        _require(self.signal_delay_s >= 0, "slurm.signal_delay_s", "must be 0 or more")
+
+
+@dataclass
+class LaunchConfig:
+    cpu_processes: int = 1
+    """Training processes per node when slurm.gpus_per_node is 0 (gloo on CPU)."""
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON for accelerate --use_deepspeed (e.g. configs/accelerate/zero2_cpu.json); none: DDP."""
+    local_parallelism: int = 1
+    """Runs at once with --executor local (each uses all the cores it finds)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment variables for the training processes, e.g. {NCCL_DEBUG: WARN}."""
+
+    def __post_init__(self):
+        _require(self.cpu_processes >= 1, "launch.cpu_processes", "must be at least 1")
+        _require(self.local_parallelism >= 1, "launch.local_parallelism", "must be at least 1")
+
+
+@dataclass
+class SftStage:
+    path: str | None = None
+    """An existing SFT model (folder or hub id): skip the SFT stage and start every DPO run from it."""
+    overrides: dict[str, typing.Any] = field(default_factory=dict)
+    """Training config keys for the SFT run only, e.g. {train.lr: 1.0e-5}."""
+    slurm: dict[str, typing.Any] = field(default_factory=dict)
+    """Slurm resources that differ for the SFT job, e.g. {timeout_min: 240}."""
+
+
+@dataclass
+class DpoStage:
+    overrides: dict[str, typing.Any] = field(default_factory=dict)
+    """Training config keys for every DPO run (below the grid)."""
+
+
+@dataclass
+class ReferenceStage:
+    slurm: dict[str, typing.Any] = field(default_factory=dict)
+    """Slurm resources that differ for the reference log-prob job."""
+
+
+@dataclass
+class Sweep:
+    name: str = ""
+    """Sweep name: outputs go to <root>/<name>/."""
+    base: str = ""
+    """The training config every run starts from (configs/*.yaml)."""
+    root: str = "logs"
+    """Folder holding sweeps; on a cluster it must be shared storage that every node sees."""
+    overrides: dict[str, typing.Any] = field(default_factory=dict)
+    """Training config keys for every stage (SFT, reference, DPO)."""
+    grid: dict[str, list] = field(default_factory=dict)
+    """Training config key -> values; the sweep runs every combination."""
+    sft: SftStage = field(default_factory=SftStage)
+    dpo: DpoStage = field(default_factory=DpoStage)
+    reference: ReferenceStage = field(default_factory=ReferenceStage)
+    slurm: SlurmResources = field(default_factory=SlurmResources)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def __post_init__(self):
+        _require(bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.name or "")), "name",
+                 f"must be a non-empty folder name of letters, digits, . _ -; got {self.name!r}")
+        _require(bool(self.base), "base", "must name a training config, e.g. configs/default.yaml")
+        _require(bool(self.grid), "grid", "must give at least one key with values, e.g. {loss.beta: [0.1, 0.3]}")
+        for key, values in self.grid.items():
+            _require(isinstance(values, list) and len(values) > 0, f"grid.{key}", f"expected a non-empty list; got {values!r}")
+            _require(len(set(map(_text, values))) == len(values), f"grid.{key}", f"repeats a value: {values}")
+        for section, keys in (("overrides", self.overrides), ("sft.overrides", self.sft.overrides),
+                              ("dpo.overrides", self.dpo.overrides), ("grid", self.grid)):
+            for key in keys:
+                _require(key not in LAUNCHER_KEYS, f"{section}.{key}", "is set by the launcher for each run")
+        for section, keys in (("dpo.overrides", self.dpo.overrides), ("grid", self.grid)):
+            _require("model.path" not in keys, f"{section}.model.path",
+                     "DPO runs start from the SFT model: set sft.path to start them from another model")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _build(cls, raw, prefix: str = ""):
+    """Nested dataclass from a YAML mapping; unknown keys and wrong types name the key."""
+    _require(isinstance(raw, dict), prefix.rstrip(".") or "sweep", f"expected a mapping; got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in hints:
+            known = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise ConfigError(f"{prefix}{key}: unknown sweep key (known here: {known})")
+        hint, name = hints[key], prefix + key
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, name + ".")
+        elif typing.get_origin(hint) is dict or typing.get_origin(hint) is list:
+            expected = dict if typing.get_origin(hint) is dict else list
+            _require(isinstance(value, expected) or value is None, name, f"expected a {expected.__name__}; got {value!r}")
+            kwargs[key] = value if value is not None else expected()
+        else:
+            types = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+            if value is None and type(None) in typing.get_args(hint):
+                kwargs[key] = None
+            elif float in types and isinstance(value, int) and not isinstance(value, bool):
+                kwargs[key] = float(value)
+            else:
+                _require(isinstance(value, tuple(types)) and not isinstance(value, bool) or bool in types, name,
+                         f"expected {' or '.join(t.__name__ for t in types)}; got {value!r}")
+                kwargs[key] = value
+    return cls(**kwargs)
+
+
+def sweep_override(raw: dict, override: str) -> None:
+    """`slurm.partition=gpu`, `grid.loss.beta=[0.1,0.3]`, `overrides.train.max_steps=8`, `sft.overrides.train.lr=1e-5`:
+    the first part picks the sweep section; under grid/overrides the rest is one training config key."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not key=value")
+    key, text = override.split("=", 1)
+    value = yaml.safe_load(text) if text.strip() else ""
+    parts = key.strip().split(".")
+    for depth, section in ((1, "grid"), (1, "overrides"), (2, "sft.overrides"), (2, "dpo.overrides")):
+        if ".".join(parts[:depth]) == section and len(parts) > depth:
+            node = raw
+            for part in parts[:depth]:
+                node = node.setdefault(part, {}) if isinstance(node.get(part), dict) or part not in node else node[part]
+            node[".".join(parts[depth:])] = value
+            return
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: sweep file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(f"{path}{f' line {mark.line + 1}' if mark else ''}: not valid YAML "
+                          f"({getattr(e, 'problem', e)})") from None
+    try:
+        for override in overrides:
+            sweep_override(raw, override)
+        return _build(Sweep, raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass
+class Job:
+    """One stage job: the SFT run, a reference precompute, or one DPO run of the array."""
+    key: str              # sft | reference-<n> | <run name>
+    kind: str             # sft | reference | dpo
+    config: Config
+    config_path: Path
+    state: str = ""       # completed | active | submit
+    detail: str = ""
+    job_id: str = ""
+
+
+def _text(value) -> str:
+    """Override text for a YAML value (strings as typed, so `no` stays the string 'no')."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _name_part(key: str, value) -> str:
+    short = SHORT_NAMES.get(key, key.split(".")[-1])
+    if isinstance(value, float):
+        text = f"{value:g}"
+    elif isinstance(value, list):
+        text = "-".join(map(str, value))
+    else:
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+    return short + re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-")
+
+
+def grid_runs(sweep: Sweep) -> list[tuple[str, list[str]]]:
+    """Every grid combination as (readable run name, overrides), in file order: beta0.1_seed0, beta0.1_seed1, ..."""
+    keys = list(sweep.grid)
+    shorts = [SHORT_NAMES.get(k, k.split(".")[-1]) for k in keys]
+    clash = {s for s in shorts if s and shorts.count(s) > 1}
+    runs = []
+    for values in itertools.product(*(sweep.grid[k] for k in keys)):
+        parts = [(_name_part(k, v) if SHORT_NAMES.get(k, k.split(".")[-1]) not in clash
+                  else k.replace(".", "-") + _name_part("x", v)[1:]) for k, v in zip(keys, values)]
+        runs.append(("_".join(parts), [f"{k}={_text(v)}" for k, v in zip(keys, values)]))
+    names = [name for name, _ in runs]
+    if len(set(names)) != len(names) or "sft" in names:
+        raise ConfigError(f"grid values give clashing run names: {names}")
+    return runs
+
+
+def sweep_dir(sweep: Sweep) -> Path:
+    return Path(sweep.root) / sweep.name
+
+
+def needs_reference(cfg: Config) -> bool:
+    return cfg.loss.name == "dpo" and cfg.loss.type != "simpo"
+
+
+def reference_group(cfg: Config) -> str:
+    """What the cached reference log-probs depend on; runs that agree on it share one precompute job."""
+    d = to_dict(cfg)
+    key = {"model": d["model"], "data": d["data"], "tokenize": d["tokenize"], "reference": d["loss"]["reference_path"],
+           "mixed_precision": d["train"]["mixed_precision"], "cache": d["loss"]["ref_cache_dir"]}
+    return json.dumps(key, sort_keys=True)
+
+
+def build_plan(sweep: Sweep, sweep_file: str) -> list[Job]:
+    """The resolved training config of every job: SFT (unless sft.path), references, DPO runs."""
+    out = sweep_dir(sweep)
+    common = [f"{k}={_text(v)}" for k, v in sweep.overrides.items()]
+
+    def resolve(what: str, overrides: list[str]) -> Config:
+        try:
+            return load_config(sweep.base, overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{sweep_file}: {what}: {e}") from None
+
+    jobs = []
+    if sweep.sft.path:
+        policy = sweep.sft.path
+        looks_local = policy.startswith((".", "/", "~")) or policy.count("/") > 1
+        if looks_local and not Path(policy).expanduser().exists():
+            raise ConfigError(f"{sweep_file}: sft.path: {policy} does not exist")
+    else:
+        cfg = resolve("sft", common + [f"{k}={_text(v)}" for k, v in sweep.sft.overrides.items()]
+                      + ["loss.name=sft", f"output_dir={out / 'sft'}"])
+        jobs.append(Job("sft", "sft", cfg, out / "configs" / "sft.yaml"))
+        policy = str(out / "sft" / "final")
+    dpo_common = common + [f"{k}={_text(v)}" for k, v in sweep.dpo.overrides.items()] + ["loss.name=dpo"]
+    runs = []
+    for name, grid_overrides in grid_runs(sweep):
+        cfg = resolve(f"run {name}", dpo_common + grid_overrides + [
+            f"model.path={policy}", f"output_dir={out / name}", f"loss.ref_cache_dir={out / 'ref_cache'}"])
+        runs.append(Job(name, "dpo", cfg, out / "configs" / f"{name}.yaml"))
+    groups: dict[str, Config] = {}
+    for run in runs:
+        if needs_reference(run.config):
+            groups.setdefault(reference_group(run.config), run.config)
+    for i, cfg in enumerate(groups.values()):
+        jobs.append(Job(f"reference-{i}", "reference", cfg, out / "configs" / f"reference-{i}.yaml"))
+    return jobs + runs
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    items = {}
+    for k, v in d.items():
+        items.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return items
+
+
+def run_status(job: Job) -> tuple[str | None, str]:
+    """(run.json status or None, why a run folder cannot be reused). A folder holding another config is an error."""
+    out = Path(job.config.output_dir)
+    run_json, saved = out / "run.json", out / "config.yaml"
+    if not run_json.is_file():
+        return None, ""
+    if saved.is_file() and saved.read_text() != to_yaml(job.config):
+        old, new = flat(yaml.safe_load(saved.read_text()) or {}), flat(to_dict(job.config))
+        changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        return None, f"{out} holds a run of a different config ({'; '.join(changed[:4])})"
+    try:
+        return json.loads(run_json.read_text()).get("status"), ""
+    except json.JSONDecodeError:
+        return "unreadable", ""
+
+
+# ---------------------------------------------------------------- job records and scheduler states
+
+
+def read_record(out: Path) -> dict:
+    path = out / "sweep.json"
+    return json.loads(path.read_text()) if path.is_file() else {"jobs": {}, "submissions": []}
+
+
+def write_record(out: Path, record: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f"sweep.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, out / "sweep.json")
+
+
+def _expand_array(job_id: str) -> list[str]:
+    """sacct prints pending array tasks as 123_[0-3,5%2]: one id per task."""
+    m = re.fullmatch(r"(\d+)_\[([^\]]+)\]", job_id)
+    if not m:
+        return [job_id]
+    ids = []
+    for part in m.group(2).split("%")[0].split(","):
+        lo, _, hi = part.partition("-")
+        ids += [f"{m.group(1)}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
+    return ids
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, str]:
+    """job id (123 or 123_4) -> Slurm state from sacct (the accounting database: finished jobs included)."""
+    if not job_ids or not shutil.which("sacct"):
+        return {}
+    base = sorted({j.split("_")[0] for j in job_ids})
+    result = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(base)],
+                            capture_output=True, text=True, timeout=60)
+    states = {}
+    for line in result.stdout.splitlines():
+        if "|" in line:
+            job_id, state = line.split("|", 1)
+            for one in _expand_array(job_id.strip()):
+                states[one] = state.split()[0] if state.strip() else "UNKNOWN"
+    missing = [j for j in job_ids if j not in states]
+    if missing and shutil.which("squeue"):  # accounting learns of a new job a moment after slurmctld does
+        result = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(sorted({j.split("_")[0] for j in missing}))],
+                                capture_output=True, text=True, timeout=60)
+        for line in result.stdout.splitlines():
+            if "|" in line:
+                job_id, state = line.split("|", 1)
+                states.setdefault(job_id.strip(), state.strip())
+    return states
+
+
+def local_alive(pid: str) -> bool:
+    """A local-executor job is its submitit controller process; the PID must still be that process."""
+    try:
+        return "submitit" in Path(f"/proc/{int(pid)}/cmdline").read_bytes().decode(errors="replace")
+    except (OSError, ValueError):
+        return False
+
+
+def scheduler_states(record: dict) -> dict[str, str]:
+    """job key -> scheduler state for every recorded job (Slurm's name, or RUNNING/EXITED for local jobs)."""
+    slurm_ids = {k: r["job_id"] for k, r in record["jobs"].items() if r.get("executor") == "slurm"}
+    by_id = slurm_states(list(slurm_ids.values()))
+    states = {k: by_id.get(j, "UNKNOWN") for k, j in slurm_ids.items()}
+    for k, r in record["jobs"].items():
+        if r.get("executor") == "local":
+            states[k] = "RUNNING" if local_alive(r["job_id"]) else "EXITED"
+        elif r.get("executor") == "debug":
+            states[k] = "EXITED"
+    return states
+
+
+def classify(jobs: list[Job], record: dict, states: dict[str, str]) -> None:
+    """Sets job.state: completed (nothing to do), active (its job is queued or running), or submit."""
+    conflicts = []
+    for job in jobs:
+        job.job_id = record["jobs"].get(job.key, {}).get("job_id", "")
+        state = states.get(job.key, "")
+        if job.kind != "reference":
+            status, conflict = run_status(job)
+            if conflict:
+                conflicts.append(conflict)
+                continue
+            if status == "completed":
+                job.state, job.detail = "completed", "finished (run.json: completed, same config)"
+                continue
+        elif reference_cached(job) and not any(j.kind == "sft" and j.state != "completed" for j in jobs):
+            job.state, job.detail = "completed", "reference log-probs already cached for this config and model"
+            continue
+        if state in ACTIVE_STATES:
+            job.state, job.detail = "active", f"job {job.job_id} is {state}"
+        else:
+            job.state = "submit"
+            job.detail = "new" if not job.job_id else f"job {job.job_id} ended {state or 'without a record'}"
+    if conflicts:
+        raise UserInputError("run folders hold other configs; delete them or give the sweep a new name:\n  "
+                             + "\n  ".join(conflicts))
+    dpo = [j for j in jobs if j.kind == "dpo"]
+    for ref in (j for j in jobs if j.kind == "reference"):  # only worth running for runs that will be submitted
+        group = reference_group(ref.config)
+        if ref.state == "submit" and not any(r.state == "submit" and needs_reference(r.config)
+                                             and reference_group(r.config) == group for r in dpo):
+            ref.state, ref.detail = "completed", "not needed (its runs are finished or queued)"
+
+
+# ---------------------------------------------------------------- code snapshot
+
+
+def snapshot_code(out: Path) -> Path:
+    """Copy the repository's source (git-tracked and untracked-but-not-ignored files) to <sweep>/code/<digest>/,
+    so queued jobs run the code as it was at submission. Identical trees share one snapshot."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                                capture_output=True, check=True).stdout.decode().split("\0")
+        files = sorted({f for f in listed if f and (REPO / f).is_file()})
+    except (OSError, subprocess.CalledProcessError):
+        files = sorted(str(p.relative_to(REPO)) for pattern in ("*.py", "slurm/*", "configs/**/*")
+                       for p in REPO.glob(pattern) if p.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.encode() + b"\0" + (REPO / f).read_bytes() + b"\0")
+    target = out / "code" / digest.hexdigest()[:12]
+    if not target.is_dir():
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        for f in files:
+            (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, tmp / f)
+        os.replace(tmp, target)
+    return target.resolve()
+
+
+# ---------------------------------------------------------------- the job
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """`accelerate launch <code>/train_dpo.py --config <resolved>.yaml [--precompute-ref]` as a submitit job.
+
+    submitit calls checkpoint() on Slurm's USR2 (the time limit is near, or `scancel --signal USR2` on preemption):
+    it forwards the signal to the training processes, waits until they saved a checkpoint at a step boundary and
+    exited, and returns the same call, which submitit requeues; the requeued job resumes from that checkpoint
+    (train.resume=auto). Nothing here imports the project: the job runs only the code snapshot, in a subprocess.
+    """
+
+    def __init__(self, code_dir: str, workdir: str, gpus_per_node: int, launch: dict, grace_s: float):
+        self.code_dir, self.workdir, self.gpus_per_node = code_dir, workdir, gpus_per_node
+        self.launch, self.grace_s = launch, grace_s
+        self._proc = None
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_proc"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _proc=None)
+
+    def command(self, spec: dict) -> tuple[list[str], dict]:
+        try:
+            env_info = submitit.JobEnvironment()
+            nodes, node_rank, hosts = env_info.num_nodes, env_info.node, env_info.hostnames
+        except RuntimeError:  # not inside a submitit job (a direct call)
+            nodes, node_rank, hosts = 1, 0, ["127.0.0.1"]
+        per_node = self.gpus_per_node or self.launch["cpu_processes"]
+        # every node derives the same port from the job id; array tasks have distinct job ids
+        port = 20000 + int(os.environ.get("SLURM_JOB_ID", os.getpid())) % 20000
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(per_node * nodes),
+               "--num_machines", str(nodes), "--machine_rank", str(node_rank),
+               "--main_process_ip", hosts[0] if nodes > 1 else "127.0.0.1", "--main_process_port", str(port),
+               "--mixed_precision", spec["mixed_precision"], "--dynamo_backend", "no", "--quiet"]
+        env = {**os.environ, **self.launch["env"]}
+        if self.launch["deepspeed_config"]:
+            cmd += ["--use_deepspeed", "--deepspeed_config_file", self.launch["deepspeed_config"]]
+            if not self.gpus_per_node:
+                env["DS_ACCELERATOR"] = "cpu"
+        else:
+            if per_node * nodes > 1:
+                cmd.append("--multi_gpu")
+            if not self.gpus_per_node:
+                env["ACCELERATE_USE_CPU"] = "1"
+        cmd += [str(Path(self.code_dir) / "train_dpo.py"), "--config", spec["config"]]
+        if spec["mode"] == "reference":
+            cmd.append("--precompute-ref")
+        return cmd, env
+
+    def __call__(self, spec: dict) -> dict:
+        cmd, env = self.command(spec)
+        print("+ " + shlex.join(cmd), flush=True)
+        # Its own session, so checkpoint() can signal the whole tree; the launcher processes ignore SIGTERM/USR2
+        # (a trainer stops only at a step boundary, after saving) and the trainer installs its own handlers.
+        self._proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, start_new_session=True,
+                                      preexec_fn=_ignore_stop_signals)
+        try:
+            while self._proc.poll() is None:  # polled: a blocking wait() holds a lock that checkpoint() needs
+                time.sleep(0.5)
+        finally:
+            self._stop_tree()
+        code = self._proc.returncode
+        if spec["mode"] == "reference":
+            if code != 0:
+                raise RuntimeError(f"reference log-probs for {spec['config']} failed (exit code {code})")
+            Path(spec["marker"]).write_text(json.dumps(reference_marker(spec)))
+            return {"mode": "reference", "config": spec["config"]}
+        info = _read_json(Path(spec["output_dir"]) / "run.json")
+        if code == 0 and info.get("status") == "completed":
+            return {"mode": "train", "output_dir": spec["output_dir"], "steps": info.get("steps"),
+                    "final_eval": info.get("final_eval")}
+        if info.get("status") == "interrupted":
+            time.sleep(30)  # a preemption's USR2 follows its SIGTERM: give submitit the chance to requeue
+        raise RuntimeError(f"training {spec['output_dir']} ended with exit code {code}, run.json status "
+                           f"{info.get('status')!r}: {info.get('error', 'see the job log')}")
+
+    def checkpoint(self, spec: dict):
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGUSR2)
+            deadline = time.time() + self.grace_s
+            while proc.poll() is None and time.time() < deadline:
+                time.sleep(0.5)
+            print(f"checkpoint: the training processes {'exited' if proc.poll() is not None else 'are still running'};"
+                  f" requeueing", flush=True)
+        fresh = TrainJob(self.code_dir, self.workdir, self.gpus_per_node, self.launch, self.grace_s)
+        return submitit.helpers.DelayedSubmission(fresh, spec)
+
+    def _stop_tree(self) -> None:
+        """Leave no training process behind (an interrupted debug/local job, a requeue that timed out)."""
+        for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 0)):
+            deadline = time.time() + wait_s
+            try:
+                os.killpg(self._proc.pid, sig)
+                while time.time() < deadline:
+                    os.killpg(self._proc.pid, 0)
+                    time.sleep(0.2)
+            except ProcessLookupError:
+                return
+
+
+def _ignore_stop_signals() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def model_stamp(path: str) -> str:
+    """Names, sizes and mtimes of a model folder's files (a hub id stands for itself): a re-run SFT changes it."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return f"hub:{path}"
+    return hashlib.sha256(json.dumps(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                            for p in folder.iterdir() if p.is_file())).encode()).hexdigest()[:16]
+
+
+def reference_marker(spec: dict) -> dict:
+    """Written next to a reference job's config when it succeeded; valid while config and reference model match."""
+    return {"config_sha": hashlib.sha256(Path(spec["config"]).read_bytes()).hexdigest()[:16],
+            "reference": model_stamp(spec["reference"])}
+
+
+def reference_cached(job: Job) -> bool:
+    marker = _read_json(job.config_path.with_suffix(".done"))
+    return bool(marker) and job.config_path.is_file() and job.config_path.read_text().endswith(to_yaml(job.config)) \
+        and marker == reference_marker(job_spec(job))
+
+
+def job_spec(job: Job) -> dict:
+    return {"key": job.key, "config": str(job.config_path.resolve()), "mode": "reference" if job.kind == "reference" else "train",
+            "output_dir": job.config.output_dir, "mixed_precision": job.config.train.mixed_precision,
+            "reference": job.config.loss.reference_path or job.config.model.path,
+            "marker": str(job.config_path.resolve().with_suffix(".done"))}
+
+
+# ---------------------------------------------------------------- submission
+
+
+def make_executor(kind: str, folder: Path, sweep: Sweep, stage_slurm: dict, dependency: list[str] = ()):
+    res = dataclasses.replace(sweep.slurm, **stage_slurm)
+    executor = submitit.AutoExecutor(folder=folder, cluster=kind,  # max_num_timeout: constructor only (submitit 1.5)
+                                     **({"slurm_max_num_timeout": res.max_num_timeout} if kind == "slurm" else {}))
+    params = dict(timeout_min=res.timeout_min, cpus_per_task=res.cpus_per_task, mem_gb=res.mem_gb, tasks_per_node=1,
+                  name=f"dpo-{sweep.name}")
+    if kind == "slurm":
+        extra = dict(res.additional)
+        if dependency:  # a failed stage cancels its dependants instead of leaving them pending forever
+            extra.update(dependency="afterok:" + ":".join(dependency), kill_on_invalid_dep="yes")
+        params.update(nodes=res.nodes, gpus_per_node=res.gpus_per_node, slurm_partition=res.partition,
+                      slurm_account=res.account, slurm_qos=res.qos, slurm_constraint=res.constraint,
+                      slurm_signal_delay_s=res.signal_delay_s, slurm_setup=list(res.setup),
+                      slurm_array_parallelism=res.array_parallelism, slurm_additional_parameters=extra)
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    task = TrainJob(str(folder.parent / "code"), os.getcwd(), res.gpus_per_node if kind == "slurm" else 0,
+                    dataclasses.asdict(sweep.launch), grace_s=max(10.0, res.signal_delay_s - 15.0))
+    return executor, task
+
+
+def submit_slurm(sweep: Sweep, jobs: list[Job], out: Path, code: Path, say) -> dict[str, str]:
+    """Submit SFT -> reference -> DPO array with afterok dependencies on whatever is still queued or running."""
+    submitted: dict[str, str] = {}
+    waiting_on: dict[str, list[str]] = {"sft": [], "reference": [], "dpo": []}
+    for job in jobs:
+        if job.state == "active":
+            waiting_on[job.kind].append(job.job_id)
+    for stage, after in (("sft", []), ("reference", ["sft"])):
+        for job in (j for j in jobs if j.kind == stage and j.state == "submit"):
+            deps = [i for s in after for i in waiting_on[s]]
+            executor, task = make_executor("slurm", out / "submitit", sweep,
+                                           sweep.sft.slurm if stage == "sft" else sweep.reference.slurm, deps)
+            task.code_dir = str(code)
+            submitted[job.key] = executor.submit(task, job_spec(job)).job_id
+            waiting_on[stage].append(submitted[job.key])
+            say(f"submitted {job.key} as job {submitted[job.key]}" + (f" (after {', '.join(deps)})" if deps else ""))
+    runs = [j for j in jobs if j.kind == "dpo" and j.state == "submit"]
+    if runs:
+        deps = waiting_on["sft"] + waiting_on["reference"]
+        executor, task = make_executor("slurm", out / "submitit", sweep, {}, deps)
+        task.code_dir = str(code)
+        array = executor.map_array(task, [job_spec(j) for j in runs])
+        for job, handle in zip(runs, array):
+            submitted[job.key] = handle.job_id
+        say(f"submitted {len(runs)} DPO run(s) as array job {array[0].job_id.split('_')[0]}"
+            + (f" (after {', '.join(deps)})" if deps else ""))
+    return submitted
+
+
+def run_in_order(kind: str, sweep: Sweep, jobs: list[Job], out: Path, code: Path, record: dict, say) -> bool:
+    """local/debug executors: no scheduler holds dependencies, so each stage waits for the one before."""
+    executor, task = make_executor(kind, out / "submitit", sweep, {})
+    task.code_dir = str(code)
+
+    def start(job: Job):
+        handle = executor.submit(task, job_spec(job))
+        record["jobs"][job.key] = {"job_id": str(handle.job_id), "executor": kind, "submitted": _now()}
+        write_record(out, record)
+        say(f"started {job.key} ({kind} job {handle.job_id})")
+        return handle
+
+    def finish(job: Job, handle) -> bool:
+        try:
+            result = handle.result()
+        except Exception as e:  # submitit's error holds the job's traceback; its last line names the failure
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            say(f"{job.key} FAILED: {lines[-1]}" + (f"; log: {handle.paths.stderr}" if kind == "local" else ""))
+            return False
+        evaluation = result.get("final_eval") or {}
+        say(f"{job.key} done" + (f": eval loss {evaluation['loss']:.4f}, accuracy "
+                                 f"{evaluation.get('rewards/accuracies', float('nan')):.3f}" if evaluation else ""))
+        return True
+
+    for stage in ("sft", "reference"):
+        for job in (j for j in jobs if j.kind == stage and j.state == "submit"):
+            if not finish(job, start(job)):
+                return False
+    pending, running, ok = [j for j in jobs if j.kind == "dpo" and j.state == "submit"], [], True
+    width = sweep.launch.local_parallelism if kind == "local" else 1
+    while pending or running:
+        while pending and len(running) < width:
+            job = pending.pop(0)
+            running.append((job, start(job)))
+        while kind == "local" and not any(handle.done() for _, handle in running):
+            time.sleep(1)
+        for job, handle in [(j, h) for j, h in running if kind == "debug" or h.done()]:
+            ok = finish(job, handle) and ok
+            running.remove((job, handle))
+    return ok
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+@contextlib.contextmanager
+def sweep_lock(out: Path):
+    """Two launchers on one sweep at once would submit the same runs twice."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserInputError(f"another sweep.py is submitting {out} right now") from None
+        yield
+
+
+# ---------------------------------------------------------------- status and cancel
+
+
+def last_rows(path: Path) -> tuple[dict, dict]:
+    rows = read_jsonl(path) if path.is_file() else []
+    train = next((r for r in reversed(rows) if r.get("split") == "train"), {})
+    evaluation = next((r for r in reversed(rows) if r.get("split") == "eval"), {})
+    return train, evaluation
+
+
+def status_rows(jobs: list[Job], record: dict, states: dict[str, str]) -> list[dict]:
+    rows = []
+    for job in jobs:
+        out = Path(job.config.output_dir)
+        rec = record["jobs"].get(job.key, {})
+        row = {"run": job.key, "job": rec.get("job_id", "-"), "state": states.get(job.key, "-")}
+        if job.kind == "reference":
+            row.update(step="-", status="-", eval_loss="-", accuracy="-", margin="-", checkpoint="-")
+        else:
+            info = _read_json(out / "run.json")
+            train, evaluation = last_rows(out / "metrics.jsonl")
+            checkpoints = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
+            row.update(step=f"{train.get('step', 0)}/{job.config.train.max_steps}", status=info.get("status", "-"),
+                       eval_loss=_fmt(evaluation.get("loss")), accuracy=_fmt(evaluation.get("rewards/accuracies")),
+                       margin=_fmt(evaluation.get("rewards/margins")),
+                       checkpoint="final" if (out / "final").is_dir() else (checkpoints[-1].name if checkpoints else "-"))
+        rows.append(row)
+    return rows
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def print_table(rows: list[dict]) -> None:
+    headers = {"run": "run", "job": "job", "state": "slurm state", "status": "run.json", "step": "step",
+               "eval_loss": "eval loss", "accuracy": "accuracy", "margin": "margin", "checkpoint": "checkpoint"}
+    widths = {k: max(len(h), *(len(str(r[k])) for r in rows)) for k, h in headers.items()}
+    print("  ".join(h.ljust(widths[k]) for k, h in headers.items()))
+    for r in rows:
+        print("  ".join(str(r[k]).ljust(widths[k]) for k in headers))
+
+
+def cancel(record: dict, states: dict[str, str], say) -> int:
+    slurm_ids = [r["job_id"] for k, r in record["jobs"].items()
+                 if r.get("executor") == "slurm" and states.get(k) in ACTIVE_STATES]
+    if slurm_ids:
+        subprocess.run(["scancel", *slurm_ids], check=False)
+        say(f"cancelled Slurm job(s) {', '.join(slurm_ids)}")
+    local = [r["job_id"] for k, r in record["jobs"].items() if r.get("executor") == "local" and states.get(k) == "RUNNING"]
+    for pid in local:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGINT)  # submitit's local controller stops its tasks on SIGINT
+    if local:
+        say(f"interrupted local job(s) {', '.join(local)}")
+    if not slurm_ids and not local:
+        say("nothing queued or running")
+    return len(slurm_ids) + len(local)
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="sweep YAML, e.g. configs/sweep_default.yaml")
+    parser.add_argument("--executor", choices=("slurm", "local", "debug"), default="slurm",
+                        help="slurm: sbatch job arrays (default); local: subprocesses here; debug: in this process")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the plan and submit nothing")
+    mode.add_argument("--status", action="store_true", help="print one line per run: job, state, step, eval metrics")
+    mode.add_argument("--cancel", action="store_true", help="cancel the sweep's queued and running jobs")
+    parser.add_argument("overrides", nargs="*", help="sweep overrides: slurm.partition=gpu grid.loss.beta=[0.1,0.3]")
+    args = parser.parse_args(argv)
+
+    def say(message: str) -> None:
+        print(f"[sweep {datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
+
+    try:
+        sweep = load_sweep(args.config, args.overrides)
+        jobs = build_plan(sweep, args.config)
+        out = sweep_dir(sweep)
+        record = read_record(out)
+        states = scheduler_states(record)
+        if args.status:
+            print_table(status_rows(jobs, record, states))
+            return 0
+        if args.cancel:
+            cancel(record, states, say)
+            return 0
+        classify(jobs, record, states)
+        say(f"sweep {sweep.name}: {len([j for j in jobs if j.kind == 'dpo'])} DPO run(s) in {out}/")
+        for job in jobs:
+            verb = {"completed": "skip", "active": "wait", "submit": "SUBMIT"}[job.state]
+            say(f"  {verb:6} {job.kind:9} {job.key:24} {job.detail}")
+        r = sweep.slurm
+        say(f"each job: {r.nodes} node(s) x {f'{r.gpus_per_node} GPU(s)' if r.gpus_per_node else f'{sweep.launch.cpu_processes} CPU process(es)'}"
+            f", {r.cpus_per_task} CPUs, {r.mem_gb:g} GB, {r.timeout_min} min (then checkpoint + requeue)"
+            + (f", partition {r.partition}" if r.partition else "") + f"; array at most {r.array_parallelism} at once")
+        todo = [j for j in jobs if j.state == "submit"]
+        if args.dry_run or not todo:
+            say("dry run: nothing submitted" if args.dry_run else "nothing to submit: every run is finished or queued")
+            return 0
+        if args.executor == "slurm" and not shutil.which("sbatch"):
+            raise UserInputError("sbatch not found: this is not a Slurm login node. Use --executor local, or start "
+                                 "the local cluster: bash slurm/local_cluster.sh up && eval \"$(bash "
+                                 "slurm/local_cluster.sh env)\"")
+        with sweep_lock(out):
+            record = read_record(out)
+            for job in todo:
+                job.config_path.parent.mkdir(parents=True, exist_ok=True)
+                job.config_path.write_text(f"# written by slurm/sweep.py for {args.config}\n" + to_yaml(job.config))
+            code = snapshot_code(out)
+            say(f"code snapshot: {code}")
+            if args.executor == "slurm":
+                try:
+                    submitted = submit_slurm(sweep, jobs, out, code, say)
+                except Exception as e:
+                    if type(e).__name__ != "FailedJobError":
+                        raise
+                    raise UserInputError(f"sbatch refused the job: {str(e).strip()}") from None
+                for key, job_id in submitted.items():
+                    record["jobs"][key] = {"job_id": job_id, "executor": "slurm", "submitted": _now()}
+                record["submissions"].append({"time": _now(), "config": args.config, "code": str(code),
+                                              "jobs": submitted})
+                write_record(out, record)
+                say(f"watch it: python slurm/sweep.py --config {args.config} --status")
+                return 0
+            ok = run_in_order(args.executor, sweep, jobs, out, code, record, say)
+            record["submissions"].append({"time": _now(), "config": args.config, "code": str(code),
+                                          "executor": args.executor})
+            write_record(out, record)
+            return 0 if ok else 1
+    except UserInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""The sweep launcher (slurm/sweep.py) against a real Slurm on localhost (slurm/local_cluster.sh, with slurmdbd, so
+sacct is the real one), and on submitit's local and debug executors. Tiny random Llama, a few steps per run.
+
+`make test` brings the cluster up before pytest and down after it; run alone, the `cluster` fixture starts it and
+stops it again at the end (only if it started it).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "slurm"))
+import sweep  # noqa: E402
+from config import ConfigError, UserInputError  # noqa: E402
+from jsonl import read_jsonl  # noqa: E402
+
+SWEEP = "configs/sweep_tiny.yaml"
+CLUSTER = ["bash", str(REPO / "slurm" / "local_cluster.sh")]
+
+
+def launcher(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "slurm/sweep.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    started = subprocess.run([*CLUSTER, "status"], capture_output=True).returncode != 0
+    if started:
+        up = subprocess.run([*CLUSTER, "up"], capture_output=True, text=True, timeout=300)
+        assert up.returncode == 0, up.stdout + up.stderr
+    conf = subprocess.run([*CLUSTER, "env"], capture_output=True, text=True).stdout.split("=", 1)[1].strip()
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    yield conf
+    if previous is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = previous
+    if started:
+        subprocess.run([*CLUSTER, "down"], capture_output=True, timeout=300)
+
+
+def record(root: Path, name: str) -> dict:
+    return json.loads((root / name / "sweep.json").read_text())
+
+
+def wait_for_jobs(root: Path, name: str, timeout_s: float = 420) -> dict[str, str]:
+    """Poll sacct until none of the sweep's jobs is pending or running; returns key -> final state."""
+    deadline = time.time() + timeout_s
+    while True:
+        states = sweep.scheduler_states(record(root, name))
+        if not any(s in sweep.ACTIVE_STATES for s in states.values()):
+            return states
+        if time.time() > deadline:
+            logs = "\n".join(p.read_text()[-1500:] for p in sorted((root / name / "submitit").glob("*_log.err")))
+            pytest.fail(f"jobs still active after {timeout_s} s: {states}\n{logs}")
+        time.sleep(2)
+
+
+def sacct(*job_ids: str, duplicates: bool = False) -> list[list[str]]:
+    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)]
+    out = subprocess.run(cmd + (["--duplicates"] if duplicates else []), capture_output=True, text=True, check=True)
+    return [line.split("|") for line in out.stdout.splitlines() if line]
+
+
+# ---------------------------------------------------------------- the sweep file and the plan (no cluster)
+
+
+def write_sweep(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("sweep_*.yaml")), ids=lambda p: p.name)
+def test_every_sweep_config_loads_and_expands(path):
+    assert path.read_text().startswith("# "), "every config starts with a comment giving its command"
+    loaded = sweep.load_sweep(path)
+    jobs = sweep.build_plan(loaded, str(path))
+    runs = [j for j in jobs if j.kind == "dpo"]
+    n_grid = 1
+    for values in loaded.grid.values():
+        n_grid *= len(values)
+    trained = [j for j in jobs if j.kind != "reference"]
+    assert len(runs) == n_grid and len({j.config.output_dir for j in trained}) == len(trained)
+    assert all(j.config.loss.name == "dpo" for j in runs)
+    assert all(j.config.model.path == str(sweep.sweep_dir(loaded) / "sft" / "final") for j in runs)
+    assert [j.key for j in jobs if j.kind == "reference"] == ["reference-0"]
+
+
+def test_default_sweep_has_three_betas_on_smollm2():
+    loaded = sweep.load_sweep(REPO / "configs" / "sweep_default.yaml")
+    jobs = sweep.build_plan(loaded, "configs/sweep_default.yaml")
+    assert [j.key for j in jobs] == ["sft", "reference-0", "beta0.05_seed0", "beta0.1_seed0", "beta0.5_seed0"]
+    assert jobs[0].config.loss.name == "sft" and jobs[0].config.output_dir == "logs/default/sft"
+    assert jobs[0].config.model.path == "models/smollm2-135m-instruct"
+    assert jobs[2].config.model.path == "logs/default/sft/final" and jobs[2].config.loss.beta == 0.05
+    assert jobs[2].config.loss.ref_cache_dir == "logs/default/ref_cache"
+
+
+def test_run_names_are_readable_and_deterministic(tmp_path):
+    path = write_sweep(tmp_path, "name: s\nbase: configs/tiny.yaml\ngrid:\n  loss.type: [sigmoid, ipo]\n"
+                                 "  loss.beta: [0.1, 1.0e-2]\n  train.lr: [5.0e-7]\n")
+    names = [name for name, _ in sweep.grid_runs(sweep.load_sweep(path))]
+    assert names == ["sigmoid_beta0.1_lr5e-07", "sigmoid_beta0.01_lr5e-07", "ipo_beta0.1_lr5e-07",
+                     "ipo_beta0.01_lr5e-07"]
+    assert names == [name for name, _ in sweep.grid_runs(sweep.load_sweep(path))]
+
+
+def test_simpo_runs_need_no_reference_job(tmp_path):
+    path = write_sweep(tmp_path, "name: s\nbase: configs/tiny.yaml\ngrid:\n  loss.type: [simpo]\n")
+    assert [j.kind for j in sweep.build_plan(sweep.load_sweep(path), str(path))] == ["sft", "dpo"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: s\nbase: configs/tiny.yaml\ngrid: {loss.beta: [0.1]}\nslurm: {partitoin: gpu}\n",
+     "slurm.partitoin: unknown sweep key"),
+    ("name: s\nbase: configs/tiny.yaml\ngrid: {loss.beta: []}\n", "grid.loss.beta: expected a non-empty list"),
+    ("name: s\nbase: configs/tiny.yaml\ngrid: {output_dir: [a, b]}\n", "grid.output_dir: is set by the launcher"),
+    ("name: s\nbase: configs/tiny.yaml\ngrid: {model.path: [a]}\n", "set sft.path"),
+    ("name: s/t\nbase: configs/tiny.yaml\ngrid: {loss.beta: [0.1]}\n", "name: must be a non-empty folder name"),
+    ("name: s\nbase: configs/tiny.yaml\ngrid: {loss.beta: [0.1]}\nslurm: {nodes: 0}\n", "slurm.nodes: must be at least 1"),
+    ("name: s\nbase: configs/tiny.yaml\ngrid: {loss.beta: [0.1]\n", r"sweep.yaml line \d+: not valid YAML"),
+])
+def test_bad_sweep_files_name_the_file_and_key(tmp_path, text, message):
+    path = write_sweep(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as info:
+        sweep.build_plan(sweep.load_sweep(path), str(path))
+    assert str(path) in str(info.value)
+
+
+def test_bad_training_key_in_the_grid_names_the_run(tmp_path):
+    path = write_sweep(tmp_path, "name: s\nbase: configs/tiny.yaml\ngrid: {loss.bta: [0.1]}\n")
+    with pytest.raises(ConfigError, match=r"sweep.yaml: run bta0.1: .*loss.bta: unknown config key.*loss.beta"):
+        sweep.build_plan(sweep.load_sweep(path), str(path))
+
+
+def test_command_line_overrides_reach_grid_and_resources(tmp_path):
+    loaded = sweep.load_sweep(REPO / SWEEP, ["grid.loss.beta=[0.2,0.3,0.4]", "slurm.partition=gpu",
+                                             "overrides.train.max_steps=7", f"root={tmp_path}"])
+    jobs = sweep.build_plan(loaded, SWEEP)
+    assert loaded.slurm.partition == "gpu"
+    assert [j.key for j in jobs if j.kind == "dpo"] == ["beta0.2_seed0", "beta0.3_seed0", "beta0.4_seed0"]
+    assert all(j.config.train.max_steps == 7 and j.config.output_dir.startswith(str(tmp_path)) for j in jobs)
+
+
+def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path):
+    result = launcher("--config", SWEEP, "--dry-run", f"root={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    for line in ("SUBMIT sft", "SUBMIT reference reference-0", "SUBMIT dpo       beta0.1_seed0", "dry run: nothing submitted"):
+        assert line in result.stdout
+    assert not (tmp_path / "sweep_tiny").exists()
+
+
+def test_slurm_executor_without_sbatch_says_what_to_do(tmp_path):
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # the venv only: no sbatch
+    result = launcher("--config", SWEEP, f"root={tmp_path}", env=env)
+    assert result.returncode == 2 and "sbatch not found" in result.stderr and "--executor local" in result.stderr
+
+
+# ---------------------------------------------------------------- on the real local Slurm cluster
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(cluster, tmp_path_factory):
+    """The tiny sweep (SFT, reference, 2 betas x 1 seed) submitted to Slurm and run to the end."""
+    root = tmp_path_factory.mktemp("slurm")
+    result = launcher("--config", SWEEP, f"root={root}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    states = wait_for_jobs(root, "sweep_tiny")
+    return root, result.stdout, states
+
+
+def test_slurm_sweep_runs_sft_reference_and_one_array(finished_sweep):
+    root, output, states = finished_sweep
+    out = root / "sweep_tiny"
+    assert states == {"sft": "COMPLETED", "reference-0": "COMPLETED", "beta0.1_seed0": "COMPLETED",
+                      "beta0.5_seed0": "COMPLETED"}
+    jobs = record(root, "sweep_tiny")["jobs"]
+    array_ids = [jobs[r]["job_id"] for r in ("beta0.1_seed0", "beta0.5_seed0")]
+    assert {i.split("_")[0] for i in array_ids} == {array_ids[0].split("_")[0]}, "both runs in one job array"
+    assert sorted(i.split("_")[1] for i in array_ids) == ["0", "1"]
+    # sacct, the real accounting database, agrees
+    rows = dict(sacct(jobs["sft"]["job_id"], jobs["reference-0"]["job_id"], array_ids[0].split("_")[0]))
+    assert all(rows[i] == "COMPLETED" for i in [jobs["sft"]["job_id"], jobs["reference-0"]["job_id"], *array_ids])
+    assert f"after {jobs['sft']['job_id']}" in output  # stages chained with dependencies
+    for run in ("beta0.1_seed0", "beta0.5_seed0"):
+        info = json.loads((out / run / "run.json").read_text())
+        assert info["status"] == "completed" and (out / run / "final" / "config.json").is_file()
+        assert info["slurm"]["SLURM_ARRAY_JOB_ID"] == array_ids[0].split("_")[0]
+        assert info["reference"]["cache"] == "hit" and info["reference"]["forward_passes"] == 0
+        rows = read_jsonl(out / run / "metrics.jsonl")
+        assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
+        assert {"loss", "rewards/margins", "rewards/accuracies"} <= set(rows[-1])
+    assert len(list((out / "ref_cache").glob("*.pt"))) == 1, "reference log-probs computed once for the sweep"
+    sft_info = json.loads((out / "sft" / "run.json").read_text())
+    assert sft_info["status"] == "completed" and sft_info["loss"] == "sft"
+    betas = {yaml.safe_load((out / r / "config.yaml").read_text())["loss"]["beta"] for r in ("beta0.1_seed0", "beta0.5_seed0")}
+    assert betas == {0.1, 0.5}
+
+
+def test_jobs_run_the_code_snapshot_taken_at_submission(finished_sweep):
+    root, _, _ = finished_sweep
+    out = root / "sweep_tiny"
+    (snapshot,) = (out / "code").iterdir()
+    assert (snapshot / "train_dpo.py").read_bytes() == (REPO / "train_dpo.py").read_bytes()
+    log = next((out / "submitit").glob("*_0_log.out")).read_text()
+    assert f"{snapshot}/train_dpo.py --config {out}/configs/" in log
+
+
+def test_status_table_shows_every_run(finished_sweep):
+    root, _, _ = finished_sweep
+    result = launcher("--config", SWEEP, f"root={root}", "--status")
+    assert result.returncode == 0, result.stderr
+    header, *lines = result.stdout.splitlines()
+    assert header.split() == ["run", "job", "slurm", "state", "run.json", "step", "eval", "loss", "accuracy", "margin",
+                              "checkpoint"]
+    by_run = {line.split()[0]: line.split() for line in lines}
+    assert set(by_run) == {"sft", "reference-0", "beta0.1_seed0", "beta0.5_seed0"}
+    for run in ("beta0.1_seed0", "beta0.5_seed0"):
+        _, _, state, status, step, loss, accuracy, margin, checkpoint = by_run[run]
+        assert (state, status, step, checkpoint) == ("COMPLETED", "completed", "4/4", "final")
+        evaluation = [r for r in read_jsonl(root / "sweep_tiny" / run / "metrics.jsonl") if r["split"] == "eval"][-1]
+        assert float(loss) == pytest.approx(evaluation["loss"], abs=1e-4)
+        assert float(margin) == pytest.approx(evaluation["rewards/margins"], abs=1e-4)
+
+
+def test_rerun_submits_nothing_and_a_deleted_run_alone_is_resubmitted(finished_sweep):
+    root, _, _ = finished_sweep
+    before = record(root, "sweep_tiny")
+    again = launcher("--config", SWEEP, f"root={root}")
+    assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout + again.stderr
+    assert record(root, "sweep_tiny") == before
+
+    shutil.rmtree(root / "sweep_tiny" / "beta0.5_seed0")
+    result = launcher("--config", SWEEP, f"root={root}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "submitted 1 DPO run(s)" in result.stdout
+    assert "submitted sft" not in result.stdout and "submitted reference" not in result.stdout
+    after = record(root, "sweep_tiny")
+    assert after["jobs"]["beta0.1_seed0"] == before["jobs"]["beta0.1_seed0"]
+    assert after["jobs"]["beta0.5_seed0"]["job_id"] != before["jobs"]["beta0.5_seed0"]["job_id"]
+    assert wait_for_jobs(root, "sweep_tiny")["beta0.5_seed0"] == "COMPLETED"
+    assert json.loads((root / "sweep_tiny" / "beta0.5_seed0" / "run.json").read_text())["status"] == "completed"
+
+
+def test_a_changed_config_over_a_finished_run_is_refused(finished_sweep):
+    root, _, _ = finished_sweep
+    result = launcher("--config", SWEEP, f"root={root}", "overrides.train.lr=0.002")
+    assert result.returncode == 2
+    assert "beta0.1_seed0 holds a run of a different config (train.lr: 0.001 -> 0.002)" in result.stderr
+
+
+def test_preempted_run_requeues_and_ends_as_an_uninterrupted_run(cluster, tmp_path):
+    """submitit's own preemption (scancel --signal TERM, then USR2): the job checkpoints, requeues and resumes;
+    its final metrics and weights equal those of the same config run without interruption."""
+    import submitit
+
+    args = ["--config", SWEEP, f"root={tmp_path}", "name=preempt", "sft.path=models/tiny-llama",
+            "grid.loss.beta=[0.1]", "overrides.train.max_steps=120", "overrides.train.save_every=0"]
+    result = launcher(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = tmp_path / "preempt" / "beta0.1_seed0"
+    job_id = record(tmp_path, "preempt")["jobs"]["beta0.1_seed0"]["job_id"]
+    deadline = time.time() + 300
+    while len([r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"]) < 5 if (
+            out / "metrics.jsonl").is_file() else True:
+        assert time.time() < deadline, "the run never started training"
+        time.sleep(0.5)
+    submitit.SlurmJob(tmp_path / "preempt" / "submitit", job_id)._interrupt()  # preemption, as submitit tests it
+    assert wait_for_jobs(tmp_path, "preempt")["beta0.1_seed0"] == "COMPLETED"
+
+    attempts = [state for _, state in sacct(job_id.split("_")[0], duplicates=True)]
+    assert attempts == ["REQUEUED", "COMPLETED"], attempts
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "completed" and info["slurm"]["SLURM_RESTART_COUNT"] == "1"
+    resumed_step = int(Path(info["resumed_from"]).name.split("-")[1])
+    assert 5 <= resumed_step < 120
+    train_steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"]
+    assert train_steps == list(range(1, 121)), "no step lost or logged twice across the requeue"
+
+    config = tmp_path / "preempt" / "configs" / "beta0.1_seed0.yaml"
+    plain = subprocess.run([sys.executable, "train_dpo.py", "--config", str(config), f"output_dir={tmp_path / 'plain'}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    reference = json.loads((tmp_path / "plain" / "run.json").read_text())
+    for key, value in reference["final_eval"].items():
+        assert info["final_eval"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+    assert info["parameter_checksums"] == pytest.approx(reference["parameter_checksums"], rel=1e-9)
+
+
+def test_cancel_stops_the_sweeps_jobs(cluster, tmp_path):
+    args = ["--config", SWEEP, f"root={tmp_path}", "name=cancelme", "overrides.train.max_steps=100000"]
+    assert launcher(*args).returncode == 0
+    deadline = time.time() + 120
+    while sweep.scheduler_states(record(tmp_path, "cancelme")).get("sft") != "RUNNING":
+        assert time.time() < deadline, "the SFT job never started"
+        time.sleep(0.5)
+    result = launcher(*args, "--cancel")
+    assert result.returncode == 0 and "cancelled Slurm job(s)" in result.stdout, result.stdout + result.stderr
+    states = wait_for_jobs(tmp_path, "cancelme", timeout_s=120)
+    assert states["sft"] == "CANCELLED"
+    # the dependants cannot run any more: Slurm cancels them (kill_on_invalid_dep) once the SFT job is gone
+    assert all(states[k].startswith("CANCELLED") for k in ("reference-0", "beta0.1_seed0", "beta0.5_seed0")), states
+
+
+# ---------------------------------------------------------------- submitit's local and debug executors
+
+
+@pytest.mark.parametrize("executor", ["local", "debug"])
+def test_local_and_debug_executors_run_the_same_sweep_file(tmp_path, executor):
+    result = launcher("--config", SWEEP, "--executor", executor, f"root={tmp_path}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = tmp_path / "sweep_tiny"
+    for run in ("sft", "beta0.1_seed0", "beta0.5_seed0"):
+        assert json.loads((out / run / "run.json").read_text())["status"] == "completed", run
+        assert (out / run / "final" / "config.json").is_file()
+    assert "beta0.5_seed0 done: eval loss" in result.stdout
+    assert len(list((out / "ref_cache").glob("*.pt"))) == 1
+    assert {r["executor"] for r in record(tmp_path, "sweep_tiny")["jobs"].values()} == {executor}
+    again = launcher("--config", SWEEP, "--executor", executor, f"root={tmp_path}")
+    assert "nothing to submit" in again.stdout
