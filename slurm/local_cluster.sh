@@ -39,7 +39,9 @@ alive() {
 record_pid() {
   local name=$1 file=$2 i
   for i in $(seq 1 100); do
-    if [ -s "$file" ] && [ -d "/proc/$(cat "$file")" ]; then cp "$file" "$pids/$name"; return 0; fi
+    if [ -s "$file" ] && [ "$(cat "/proc/$(cat "$file")/comm" 2>/dev/null)" = "$name" ]; then
+      cp "$file" "$pids/$name"; return 0
+    fi
     sleep 0.1
   done
   die "$name did not start; its log: $logs/$name.log"
@@ -151,6 +153,7 @@ mysql_root() { mariadb --no-defaults --socket="$run/mysqld.sock" -u root "$@"; }
 
 start_munged() {
   alive munged && return 0
+  rm -f "$run/munged.pid"
   munged --force --key-file="$etc/munge.key" --socket="$run/munge.socket" --pid-file="$run/munged.pid" \
     --log-file="$logs/munged.log" --seed-file="$state/munged.seed"
   record_pid munged "$run/munged.pid"
@@ -164,6 +167,7 @@ start_mariadbd() {
       --skip-test-db > "$logs/mariadb-install.log" 2>&1 || die "mariadb-install-db failed; see $logs/mariadb-install.log"
   fi
   # mariadbd stays in the foreground, so it is detached here; --no-defaults keeps /etc/mysql out of it.
+  rm -f "$run/mariadbd.pid"
   setsid mariadbd --no-defaults --user=root --datadir="$state/mysql" --socket="$run/mysqld.sock" \
     --pid-file="$run/mariadbd.pid" --port=$((port + 3)) --bind-address=127.0.0.1 \
     --log-error="$logs/mariadbd.log" < /dev/null > /dev/null 2>&1 &
@@ -205,6 +209,7 @@ cmd_up() {
   wait_for 30 "slurmctld" env SLURM_CONF="$conf" timeout 10 scontrol ping
   start_slurm_daemon slurmd
   wait_for 60 "the node" node_idle
+  if [ -L /etc/slurm/slurm.conf ] && [ ! -e /etc/slurm/slurm.conf ]; then rm -f /etc/slurm/slurm.conf; fi  # dangling
   if [ ! -e /etc/slurm/slurm.conf ] && [ -d /etc/slurm ]; then ln -s "$conf" /etc/slurm/slurm.conf; fi
   say "up in $((SECONDS - start)) s: $(SLURM_CONF=$conf sinfo -h -o '%P %D node(s) %T, %c CPUs, %m MB')"
   say "clients: export SLURM_CONF=$conf"
@@ -226,6 +231,14 @@ stop_one() {
 
 cmd_down() {
   local i
+  # Jobs first: slurmstepd and the job's processes outlive slurmd, and would keep using the cores.
+  if alive slurmctld; then
+    SLURM_CONF=$conf timeout 10 scancel --full --quiet --user="$(id -un)" 2>/dev/null || true
+    for i in $(seq 1 150); do
+      [ -z "$(SLURM_CONF=$conf timeout 10 squeue -h -o %i 2>/dev/null)" ] && break
+      sleep 0.2
+    done
+  fi
   for (( i=${#daemons[@]}-1; i>=0; i-- )); do stop_one "${daemons[$i]}"; done
   if [ "$(readlink /etc/slurm/slurm.conf 2>/dev/null)" = "$conf" ]; then rm -f /etc/slurm/slurm.conf; fi
   say "down"
@@ -237,8 +250,8 @@ cmd_status() {
     if alive "$name"; then printf '%-10s running (pid %s)\n' "$name" "$(cat "$pids/$name")"
     else printf '%-10s stopped\n' "$name"; all=0; fi
   done
-  if alive slurmctld; then SLURM_CONF=$conf sinfo; fi
-  echo "export SLURM_CONF=$conf"
+  if alive slurmctld; then SLURM_CONF=$conf timeout 10 sinfo || true; fi
+  printf 'export SLURM_CONF=%q\n' "$conf"
   [ $all = 1 ]
 }
 
@@ -246,6 +259,6 @@ case "${1:-}" in
   up) cmd_up ;;
   down) cmd_down ;;
   status) cmd_status ;;
-  env) echo "export SLURM_CONF=$conf" ;;
+  env) printf 'export SLURM_CONF=%q\n' "$conf" ;;
   *) echo "usage: bash slurm/local_cluster.sh up|down|status|env" >&2; exit 2 ;;
 esac

@@ -62,7 +62,7 @@ if __name__ != "__main__":  # imported (tests): jobs must still unpickle where t
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-LAUNCHER_KEYS = ("output_dir", "loss.name", "loss.ref_cache_dir")  # set by the launcher for every run
+LAUNCHER_KEYS = ("output_dir", "loss.name", "loss.ref_cache_dir", "train.resume")  # set by the launcher for every run
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
 SHORT_NAMES = {"loss.type": "", "loss.label_smoothing": "ls", "train.learning_rate": "lr"}
@@ -123,6 +123,10 @@ class LaunchConfig:
 
     def __post_init__(self):
         _require(self.cpu_processes >= 1, "launch.cpu_processes", "must be at least 1")
+        for key, value in self.env.items():
+            _require(isinstance(value, (str, int, float)) and not isinstance(value, bool), f"launch.env.{key}",
+                     f"expected a string or number; got {value!r}")
+        self.env = {str(k): str(v) for k, v in self.env.items()}
         _require(self.local_parallelism >= 1, "launch.local_parallelism", "must be at least 1")
 
 
@@ -178,6 +182,8 @@ class Sweep:
                               ("dpo.overrides", self.dpo.overrides), ("grid", self.grid)):
             for key in keys:
                 _require(key not in LAUNCHER_KEYS, f"{section}.{key}", "is set by the launcher for each run")
+        for section, stage in (("sft.slurm", self.sft.slurm), ("reference.slurm", self.reference.slurm)):
+            _build(SlurmResources, {**{k: v for k, v in dataclasses.asdict(self.slurm).items()}, **stage}, section + ".")
         for section, keys in (("dpo.overrides", self.dpo.overrides), ("grid", self.grid)):
             _require("model.path" not in keys, f"{section}.model.path",
                      "DPO runs start from the SFT model: set sft.path to start them from another model")
@@ -223,7 +229,10 @@ def sweep_override(raw: dict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not key=value")
     key, text = override.split("=", 1)
-    value = yaml.safe_load(text) if text.strip() else ""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override {override!r}: the value is not valid YAML (quote lists: 'grid.loss.beta=[0.1,0.3]')") from None
     parts = key.strip().split(".")
     for depth, section in ((1, "grid"), (1, "overrides"), (2, "sft.overrides"), (2, "dpo.overrides")):
         if ".".join(parts[:depth]) == section and len(parts) > depth:
@@ -338,10 +347,11 @@ def build_plan(sweep: Sweep, sweep_file: str) -> list[Job]:
             raise ConfigError(f"{sweep_file}: sft.path: {policy} does not exist")
     else:
         cfg = resolve("sft", common + [f"{k}={_text(v)}" for k, v in sweep.sft.overrides.items()]
-                      + ["loss.name=sft", f"output_dir={out / 'sft'}"])
+                      + ["loss.name=sft", f"output_dir={out / 'sft'}", "train.resume=auto"])
         jobs.append(Job("sft", "sft", cfg, out / "configs" / "sft.yaml"))
         policy = str(out / "sft" / "final")
-    dpo_common = common + [f"{k}={_text(v)}" for k, v in sweep.dpo.overrides.items()] + ["loss.name=dpo"]
+    # a requeued or resubmitted run must continue from its checkpoint, whatever the base config says
+    dpo_common = common + [f"{k}={_text(v)}" for k, v in sweep.dpo.overrides.items()] + ["loss.name=dpo", "train.resume=auto"]
     runs = []
     for name, grid_overrides in grid_runs(sweep):
         cfg = resolve(f"run {name}", dpo_common + grid_overrides + [
@@ -406,46 +416,56 @@ def _expand_array(job_id: str) -> list[str]:
     return ids
 
 
+def _scheduler_query(cmd: list[str]) -> list[tuple[str, str]]:
+    """(job id, state) pairs from sacct/squeue; a scheduler that does not answer is an error, never 'not queued'
+    (that would resubmit running jobs)."""
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise UserInputError(f"`{' '.join(cmd[:1])}` failed ({e}); cannot tell which jobs are still queued") from None
+    if result.returncode != 0:
+        raise UserInputError(f"`{shlex.join(cmd)}` failed: {result.stderr.strip()[:300]}; cannot tell which jobs "
+                             f"are still queued (is the cluster up? SLURM_CONF?)")
+    pairs = [line.split("|", 1) for line in result.stdout.splitlines() if "|" in line]
+    return [(job_id.strip(), (state.split() or ["UNKNOWN"])[0]) for job_id, state in pairs]
+
+
 def slurm_states(job_ids: list[str]) -> dict[str, str]:
-    """job id (123 or 123_4) -> Slurm state from sacct (the accounting database: finished jobs included)."""
-    if not job_ids or not shutil.which("sacct"):
+    """job id (123 or 123_4) -> Slurm state: sacct (the accounting database, finished jobs included), then squeue
+    for jobs accounting has not heard of yet (it learns of a new job a moment after slurmctld does)."""
+    if not job_ids:
         return {}
-    base = sorted({j.split("_")[0] for j in job_ids})
-    result = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(base)],
-                            capture_output=True, text=True, timeout=60)
+    base = ",".join(sorted({j.split("_")[0] for j in job_ids}))
     states = {}
-    for line in result.stdout.splitlines():
-        if "|" in line:
-            job_id, state = line.split("|", 1)
-            for one in _expand_array(job_id.strip()):
-                states[one] = state.split()[0] if state.strip() else "UNKNOWN"
-    missing = [j for j in job_ids if j not in states]
-    if missing and shutil.which("squeue"):  # accounting learns of a new job a moment after slurmctld does
-        result = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(sorted({j.split("_")[0] for j in missing}))],
-                                capture_output=True, text=True, timeout=60)
-        for line in result.stdout.splitlines():
-            if "|" in line:
-                job_id, state = line.split("|", 1)
-                states.setdefault(job_id.strip(), state.strip())
+    if shutil.which("sacct"):
+        for job_id, state in _scheduler_query(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", base]):
+            states.update({one: state for one in _expand_array(job_id)})
+    if any(j not in states for j in job_ids):
+        if not shutil.which("squeue"):
+            raise UserInputError("squeue not found: run --status/--cancel and re-submissions on the cluster's login node")
+        for job_id, state in _scheduler_query(["squeue", "-h", "-r", "-o", "%i|%T", "-j", base]):
+            states.setdefault(job_id, state)
     return states
 
 
-def local_alive(pid: str) -> bool:
-    """A local-executor job is its submitit controller process; the PID must still be that process."""
+def local_alive(pid: str, folder: Path) -> bool:
+    """A local-executor job is its submitit controller (`python -m submitit.local._local <folder>`): the PID must
+    still be that process, for this sweep's folder (PIDs are reused)."""
     try:
-        return "submitit" in Path(f"/proc/{int(pid)}/cmdline").read_bytes().decode(errors="replace")
+        cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except (OSError, ValueError):
         return False
+    return "submitit.local._local" in cmdline and any(Path(a).resolve() == folder.resolve() for a in cmdline if a)
 
 
-def scheduler_states(record: dict) -> dict[str, str]:
+def scheduler_states(record: dict, out: Path) -> dict[str, str]:
     """job key -> scheduler state for every recorded job (Slurm's name, or RUNNING/EXITED for local jobs)."""
     slurm_ids = {k: r["job_id"] for k, r in record["jobs"].items() if r.get("executor") == "slurm"}
     by_id = slurm_states(list(slurm_ids.values()))
     states = {k: by_id.get(j, "UNKNOWN") for k, j in slurm_ids.items()}
     for k, r in record["jobs"].items():
         if r.get("executor") == "local":
-            states[k] = "RUNNING" if local_alive(r["job_id"]) else "EXITED"
+            states[k] = "RUNNING" if local_alive(r["job_id"], out / "submitit") else "EXITED"
         elif r.get("executor") == "debug":
             states[k] = "EXITED"
     return states
@@ -546,9 +566,13 @@ class TrainJob(submitit.helpers.Checkpointable):
                "--num_machines", str(nodes), "--machine_rank", str(node_rank),
                "--main_process_ip", hosts[0] if nodes > 1 else "127.0.0.1", "--main_process_port", str(port),
                "--mixed_precision", spec["mixed_precision"], "--dynamo_backend", "no", "--quiet"]
-        env = {**os.environ, **self.launch["env"]}
+        # torchrun (several processes) would turn SIGTERM into killing the trainers 30 s later, mid-checkpoint;
+        # the trainers handle SIGTERM/USR2 themselves and stop at a step boundary.
+        env = {**os.environ, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGINT", **self.launch["env"]}
         if self.launch["deepspeed_config"]:
             cmd += ["--use_deepspeed", "--deepspeed_config_file", self.launch["deepspeed_config"]]
+            if nodes > 1:  # accelerate's default multi-node DeepSpeed launcher is pdsh; under srun each node starts its own
+                cmd += ["--deepspeed_multinode_launcher", "standard"]
             if not self.gpus_per_node:
                 env["DS_ACCELERATOR"] = "cpu"
         else:
@@ -566,9 +590,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         print("+ " + shlex.join(cmd), flush=True)
         # Its own session, so checkpoint() can signal the whole tree; the launcher processes ignore SIGTERM/USR2
         # (a trainer stops only at a step boundary, after saving) and the trainer installs its own handlers.
-        self._proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, start_new_session=True,
-                                      preexec_fn=_ignore_stop_signals)
         try:
+            self._proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, start_new_session=True,
+                                          preexec_fn=_ignore_stop_signals)
             while self._proc.poll() is None:  # polled: a blocking wait() holds a lock that checkpoint() needs
                 time.sleep(0.5)
         finally:
@@ -603,6 +627,8 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def _stop_tree(self) -> None:
         """Leave no training process behind (an interrupted debug/local job, a requeue that timed out)."""
+        if self._proc is None:
+            return
         for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 0)):
             deadline = time.time() + wait_s
             try:
@@ -672,13 +698,16 @@ def make_executor(kind: str, folder: Path, sweep: Sweep, stage_slurm: dict, depe
                       slurm_signal_delay_s=res.signal_delay_s, slurm_setup=list(res.setup),
                       slurm_array_parallelism=res.array_parallelism, slurm_additional_parameters=extra)
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    if kind == "local":  # time to checkpoint before the local controller kills a run at its time limit (AutoExecutor
+        executor._executor.update_parameters(signal_delay_s=res.signal_delay_s)  # does not pass this one through)
     task = TrainJob(str(folder.parent / "code"), os.getcwd(), res.gpus_per_node if kind == "slurm" else 0,
                     dataclasses.asdict(sweep.launch), grace_s=max(10.0, res.signal_delay_s - 15.0))
     return executor, task
 
 
-def submit_slurm(sweep: Sweep, jobs: list[Job], out: Path, code: Path, say) -> dict[str, str]:
-    """Submit SFT -> reference -> DPO array with afterok dependencies on whatever is still queued or running."""
+def submit_slurm(sweep: Sweep, jobs: list[Job], out: Path, code: Path, say, remember) -> None:
+    """Submit SFT -> reference -> DPO array with afterok dependencies on whatever is still queued or running.
+    remember(key, job_id) records each job the moment sbatch accepted it, so a later failure cannot orphan it."""
     submitted: dict[str, str] = {}
     waiting_on: dict[str, list[str]] = {"sft": [], "reference": [], "dpo": []}
     for job in jobs:
@@ -691,6 +720,7 @@ def submit_slurm(sweep: Sweep, jobs: list[Job], out: Path, code: Path, say) -> d
                                            sweep.sft.slurm if stage == "sft" else sweep.reference.slurm, deps)
             task.code_dir = str(code)
             submitted[job.key] = executor.submit(task, job_spec(job)).job_id
+            remember(job.key, submitted[job.key])
             waiting_on[stage].append(submitted[job.key])
             say(f"submitted {job.key} as job {submitted[job.key]}" + (f" (after {', '.join(deps)})" if deps else ""))
     runs = [j for j in jobs if j.kind == "dpo" and j.state == "submit"]
@@ -700,10 +730,9 @@ def submit_slurm(sweep: Sweep, jobs: list[Job], out: Path, code: Path, say) -> d
         task.code_dir = str(code)
         array = executor.map_array(task, [job_spec(j) for j in runs])
         for job, handle in zip(runs, array):
-            submitted[job.key] = handle.job_id
+            remember(job.key, handle.job_id)
         say(f"submitted {len(runs)} DPO run(s) as array job {array[0].job_id.split('_')[0]}"
             + (f" (after {', '.join(deps)})" if deps else ""))
-    return submitted
 
 
 def run_in_order(kind: str, sweep: Sweep, jobs: list[Job], out: Path, code: Path, record: dict, say) -> bool:
@@ -753,8 +782,12 @@ def _now() -> str:
 
 
 @contextlib.contextmanager
-def sweep_lock(out: Path):
-    """Two launchers on one sweep at once would submit the same runs twice."""
+def sweep_lock(out: Path, shared: bool = False):
+    """Two launchers on one sweep at once would submit the same runs twice. A dry run only looks (and leaves no
+    folder behind)."""
+    if shared:
+        yield
+        return
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as fh:
         try:
@@ -827,6 +860,52 @@ def cancel(record: dict, states: dict[str, str], say) -> int:
 # ---------------------------------------------------------------- main
 
 
+def submit(args, sweep: Sweep, jobs: list[Job], out: Path, say) -> int:
+    record = read_record(out)
+    states = scheduler_states(record, out)
+    classify(jobs, record, states)
+    say(f"sweep {sweep.name}: {len([j for j in jobs if j.kind == 'dpo'])} DPO run(s) in {out}/")
+    for job in jobs:
+        verb = {"completed": "skip", "active": "wait", "submit": "SUBMIT"}[job.state]
+        say(f"  {verb:6} {job.kind:9} {job.key:24} {job.detail}")
+    r = sweep.slurm
+    say(f"each job: {r.nodes} node(s) x "
+        f"{f'{r.gpus_per_node} GPU(s)' if r.gpus_per_node else f'{sweep.launch.cpu_processes} CPU process(es)'}, "
+        f"{r.cpus_per_task} CPUs, {r.mem_gb:g} GB, {r.timeout_min} min (then checkpoint + requeue)"
+        + (f", partition {r.partition}" if r.partition else "") + f"; array at most {r.array_parallelism} at once")
+    todo = [j for j in jobs if j.state == "submit"]
+    if args.dry_run or not todo:
+        say("dry run: nothing submitted" if args.dry_run else "nothing to submit: every run is finished or queued")
+        return 0
+    foreign = [j for j in jobs if j.state == "active" and record["jobs"][j.key]["executor"] != args.executor]
+    if foreign or (args.executor != "slurm" and any(j.state == "active" for j in jobs)):
+        busy = foreign or [j for j in jobs if j.state == "active"]
+        raise UserInputError(f"{', '.join(f'{j.key} ({j.detail})' for j in busy)} still running under another "
+                             f"launch; wait for it or --cancel it first")
+    for job in todo:
+        job.config_path.parent.mkdir(parents=True, exist_ok=True)
+        job.config_path.write_text(f"# written by slurm/sweep.py for {args.config}\n" + to_yaml(job.config))
+    code = snapshot_code(out)
+    say(f"code snapshot: {code}")
+    submission = {"time": _now(), "config": args.config, "code": str(code), "executor": args.executor, "jobs": {}}
+    record["submissions"].append(submission)
+    if args.executor != "slurm":
+        ok = run_in_order(args.executor, sweep, jobs, out, code, record, say)
+        return 0 if ok else 1
+
+    def remember(key: str, job_id: str) -> None:
+        record["jobs"][key] = {"job_id": job_id, "executor": "slurm", "submitted": _now()}
+        submission["jobs"][key] = job_id
+        write_record(out, record)
+
+    try:
+        submit_slurm(sweep, jobs, out, code, say, remember)
+    except submitit.core.utils.FailedJobError as e:
+        raise UserInputError(f"sbatch refused the job: {str(e).strip()}") from None
+    say(f"watch it: python slurm/sweep.py --config {args.config} --status")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="sweep YAML, e.g. configs/sweep_default.yaml")
@@ -846,57 +925,20 @@ def main(argv=None) -> int:
         sweep = load_sweep(args.config, args.overrides)
         jobs = build_plan(sweep, args.config)
         out = sweep_dir(sweep)
-        record = read_record(out)
-        states = scheduler_states(record)
-        if args.status:
-            print_table(status_rows(jobs, record, states))
+        if args.status or args.cancel:
+            record = read_record(out)
+            states = scheduler_states(record, out)
+            if args.status:
+                print_table(status_rows(jobs, record, states))
+            else:
+                cancel(record, states, say)
             return 0
-        if args.cancel:
-            cancel(record, states, say)
-            return 0
-        classify(jobs, record, states)
-        say(f"sweep {sweep.name}: {len([j for j in jobs if j.kind == 'dpo'])} DPO run(s) in {out}/")
-        for job in jobs:
-            verb = {"completed": "skip", "active": "wait", "submit": "SUBMIT"}[job.state]
-            say(f"  {verb:6} {job.kind:9} {job.key:24} {job.detail}")
-        r = sweep.slurm
-        say(f"each job: {r.nodes} node(s) x {f'{r.gpus_per_node} GPU(s)' if r.gpus_per_node else f'{sweep.launch.cpu_processes} CPU process(es)'}"
-            f", {r.cpus_per_task} CPUs, {r.mem_gb:g} GB, {r.timeout_min} min (then checkpoint + requeue)"
-            + (f", partition {r.partition}" if r.partition else "") + f"; array at most {r.array_parallelism} at once")
-        todo = [j for j in jobs if j.state == "submit"]
-        if args.dry_run or not todo:
-            say("dry run: nothing submitted" if args.dry_run else "nothing to submit: every run is finished or queued")
-            return 0
-        if args.executor == "slurm" and not shutil.which("sbatch"):
+        if args.executor == "slurm" and not args.dry_run and not shutil.which("sbatch"):
             raise UserInputError("sbatch not found: this is not a Slurm login node. Use --executor local, or start "
                                  "the local cluster: bash slurm/local_cluster.sh up && eval \"$(bash "
                                  "slurm/local_cluster.sh env)\"")
-        with sweep_lock(out):
-            record = read_record(out)
-            for job in todo:
-                job.config_path.parent.mkdir(parents=True, exist_ok=True)
-                job.config_path.write_text(f"# written by slurm/sweep.py for {args.config}\n" + to_yaml(job.config))
-            code = snapshot_code(out)
-            say(f"code snapshot: {code}")
-            if args.executor == "slurm":
-                try:
-                    submitted = submit_slurm(sweep, jobs, out, code, say)
-                except Exception as e:
-                    if type(e).__name__ != "FailedJobError":
-                        raise
-                    raise UserInputError(f"sbatch refused the job: {str(e).strip()}") from None
-                for key, job_id in submitted.items():
-                    record["jobs"][key] = {"job_id": job_id, "executor": "slurm", "submitted": _now()}
-                record["submissions"].append({"time": _now(), "config": args.config, "code": str(code),
-                                              "jobs": submitted})
-                write_record(out, record)
-                say(f"watch it: python slurm/sweep.py --config {args.config} --status")
-                return 0
-            ok = run_in_order(args.executor, sweep, jobs, out, code, record, say)
-            record["submissions"].append({"time": _now(), "config": args.config, "code": str(code),
-                                          "executor": args.executor})
-            write_record(out, record)
-            return 0 if ok else 1
+        with sweep_lock(out, shared=args.dry_run):  # plan and submit under one lock: no run submitted twice
+            return submit(args, sweep, jobs, out, say)
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

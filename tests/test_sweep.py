@@ -57,7 +57,7 @@ def wait_for_jobs(root: Path, name: str, timeout_s: float = 420) -> dict[str, st
     """Poll sacct until none of the sweep's jobs is pending or running; returns key -> final state."""
     deadline = time.time() + timeout_s
     while True:
-        states = sweep.scheduler_states(record(root, name))
+        states = sweep.scheduler_states(record(root, name), root / name)
         if not any(s in sweep.ACTIVE_STATES for s in states.values()):
             return states
         if time.time() > deadline:
@@ -130,6 +130,12 @@ def test_simpo_runs_need_no_reference_job(tmp_path):
     ("name: s/t\nbase: configs/tiny.yaml\ngrid: {loss.beta: [0.1]}\n", "name: must be a non-empty folder name"),
     ("name: s\nbase: configs/tiny.yaml\ngrid: {loss.beta: [0.1]}\nslurm: {nodes: 0}\n", "slurm.nodes: must be at least 1"),
     ("name: s\nbase: configs/tiny.yaml\ngrid: {loss.beta: [0.1]\n", r"sweep.yaml line \d+: not valid YAML"),
+    ("name: s\nbase: configs/tiny.yaml\ngrid: {train.resume: [never]}\n", "grid.train.resume: is set by the launcher"),
+    ("name: s\nbase: configs/tiny.yaml\ngrid: {loss.beta: [0.1]}\nsft: {slurm: {timeout: 30}}\n",
+     "sft.slurm.timeout: unknown sweep key"),
+    ("name: s\nbase: configs/tiny.yaml\ngrid: {loss.beta: [0.1]}\nlaunch: {env: {A: [1]}}\n",
+     "launch.env.A: expected a string or number"),
+    ("name: s\nbase: configs/nope.yaml\ngrid: {loss.beta: [0.1]}\n", "configs/nope.yaml: config file not found"),
 ])
 def test_bad_sweep_files_name_the_file_and_key(tmp_path, text, message):
     path = write_sweep(tmp_path, text)
@@ -142,6 +148,36 @@ def test_bad_training_key_in_the_grid_names_the_run(tmp_path):
     path = write_sweep(tmp_path, "name: s\nbase: configs/tiny.yaml\ngrid: {loss.bta: [0.1]}\n")
     with pytest.raises(ConfigError, match=r"sweep.yaml: run bta0.1: .*loss.bta: unknown config key.*loss.beta"):
         sweep.build_plan(sweep.load_sweep(path), str(path))
+
+
+def test_a_malformed_override_is_an_error_not_a_traceback():
+    with pytest.raises(ConfigError, match="grid.loss.beta=\\[0.1'.*not valid YAML"):
+        sweep.load_sweep(REPO / SWEEP, ["grid.loss.beta=[0.1"])
+
+
+class FakeJobEnvironment:
+    """A fake of submitit.JobEnvironment on node 1 of a 2-node Slurm job: multi-node cannot run on one machine."""
+    num_nodes, node, hostnames = 2, 1, ["gpu-a01", "gpu-a02"]
+
+
+@pytest.mark.parametrize("deepspeed", [None, "configs/accelerate/zero2.json"])
+def test_multi_node_command_ranks_nodes_and_shares_a_port(monkeypatch, deepspeed):
+    monkeypatch.setattr(sweep.submitit, "JobEnvironment", FakeJobEnvironment)
+    monkeypatch.setenv("SLURM_JOB_ID", "123456")
+    launch = {"cpu_processes": 1, "deepspeed_config": deepspeed, "env": {"NCCL_DEBUG": "WARN"}, "local_parallelism": 1}
+    job = sweep.TrainJob("/snap", "/work", gpus_per_node=8, launch=launch, grace_s=60)
+    cmd, env = job.command({"config": "/c.yaml", "mode": "train", "mixed_precision": "bf16"})
+    flags = dict(zip(cmd[3::2], cmd[4::2]))
+    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert (flags["--num_processes"], flags["--num_machines"], flags["--machine_rank"]) == ("16", "2", "1")
+    assert flags["--main_process_ip"] == "gpu-a01" and flags["--main_process_port"] == str(20000 + 123456 % 20000)
+    assert cmd[-3:] == ["/snap/train_dpo.py", "--config", "/c.yaml"]
+    assert env["NCCL_DEBUG"] == "WARN" and env["TORCHELASTIC_SIGNALS_TO_HANDLE"] == "SIGINT"
+    assert "ACCELERATE_USE_CPU" not in env
+    if deepspeed:
+        assert cmd[cmd.index("--deepspeed_multinode_launcher") + 1] == "standard" and "--multi_gpu" not in cmd
+    else:
+        assert "--multi_gpu" in cmd
 
 
 def test_command_line_overrides_reach_grid_and_resources(tmp_path):
@@ -266,7 +302,7 @@ def test_preempted_run_requeues_and_ends_as_an_uninterrupted_run(cluster, tmp_pa
     import submitit
 
     args = ["--config", SWEEP, f"root={tmp_path}", "name=preempt", "sft.path=models/tiny-llama",
-            "grid.loss.beta=[0.1]", "overrides.train.max_steps=120", "overrides.train.save_every=0"]
+            "grid.loss.beta=[0.1]", "overrides.train.max_steps=200", "overrides.train.save_every=0"]
     result = launcher(*args)
     assert result.returncode == 0, result.stdout + result.stderr
     out = tmp_path / "preempt" / "beta0.1_seed0"
@@ -284,9 +320,9 @@ def test_preempted_run_requeues_and_ends_as_an_uninterrupted_run(cluster, tmp_pa
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "completed" and info["slurm"]["SLURM_RESTART_COUNT"] == "1"
     resumed_step = int(Path(info["resumed_from"]).name.split("-")[1])
-    assert 5 <= resumed_step < 120
+    assert 5 <= resumed_step < 200
     train_steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"]
-    assert train_steps == list(range(1, 121)), "no step lost or logged twice across the requeue"
+    assert train_steps == list(range(1, 201)), "no step lost or logged twice across the requeue"
 
     config = tmp_path / "preempt" / "configs" / "beta0.1_seed0.yaml"
     plain = subprocess.run([sys.executable, "train_dpo.py", "--config", str(config), f"output_dir={tmp_path / 'plain'}"],
@@ -298,19 +334,31 @@ def test_preempted_run_requeues_and_ends_as_an_uninterrupted_run(cluster, tmp_pa
     assert info["parameter_checksums"] == pytest.approx(reference["parameter_checksums"], rel=1e-9)
 
 
-def test_cancel_stops_the_sweeps_jobs(cluster, tmp_path):
+def test_a_failed_stage_cancels_its_dependants_and_cancel_stops_a_sweep(cluster, tmp_path):
     args = ["--config", SWEEP, f"root={tmp_path}", "name=cancelme", "overrides.train.max_steps=100000"]
+
+    def wait_until_sft_runs() -> dict:
+        deadline = time.time() + 120
+        while sweep.scheduler_states(record(tmp_path, "cancelme"), tmp_path / "cancelme").get("sft") != "RUNNING":
+            assert time.time() < deadline, "the SFT job never started"
+            time.sleep(0.5)
+        return record(tmp_path, "cancelme")["jobs"]
+
     assert launcher(*args).returncode == 0
-    deadline = time.time() + 120
-    while sweep.scheduler_states(record(tmp_path, "cancelme")).get("sft") != "RUNNING":
-        assert time.time() < deadline, "the SFT job never started"
-        time.sleep(0.5)
+    jobs = wait_until_sft_runs()
+    subprocess.run(["scancel", jobs["sft"]["job_id"]], check=True)  # the SFT stage dies: nothing after it may run
+    states = wait_for_jobs(tmp_path, "cancelme", timeout_s=120)
+    assert states["sft"] == "CANCELLED"
+    assert all(states[k] == "CANCELLED" for k in ("reference-0", "beta0.1_seed0", "beta0.5_seed0")), states
+
+    resubmitted = launcher(*args)  # every stage failed, so every stage is submitted again
+    assert resubmitted.returncode == 0 and "submitted sft" in resubmitted.stdout, resubmitted.stdout
+    wait_until_sft_runs()
     result = launcher(*args, "--cancel")
     assert result.returncode == 0 and "cancelled Slurm job(s)" in result.stdout, result.stdout + result.stderr
     states = wait_for_jobs(tmp_path, "cancelme", timeout_s=120)
-    assert states["sft"] == "CANCELLED"
-    # the dependants cannot run any more: Slurm cancels them (kill_on_invalid_dep) once the SFT job is gone
-    assert all(states[k].startswith("CANCELLED") for k in ("reference-0", "beta0.1_seed0", "beta0.5_seed0")), states
+    assert set(states.values()) == {"CANCELLED"}, states
+    assert "nothing queued or running" in launcher(*args, "--cancel").stdout
 
 
 # ---------------------------------------------------------------- submitit's local and debug executors
