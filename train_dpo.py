@@ -745,6 +745,11 @@ def main(argv=None) -> int:
     mode.add_argument("--dry-run", action="store_true", help="validate config and data, show an example, train nothing")
     mode.add_argument("--precompute-ref", action="store_true", help="fill the reference log-prob cache and exit")
     args = parser.parse_args(argv)
+    # A sweep job starts the launcher with SIGTERM/USR2 ignored so that it outlives them; we inherit that. Until the
+    # training loop installs its checkpoint-and-stop handlers, these signals should end this process as usual.
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:

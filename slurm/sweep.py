@@ -54,7 +54,7 @@ if str(REPO) not in sys.path:
 import submitit  # noqa: E402
 import yaml  # noqa: E402
 
-from config import Config, ConfigError, UserInputError, apply_override, load_config, to_dict, to_yaml  # noqa: E402
+from config import Config, ConfigError, UserInputError, load_config, to_dict, to_yaml  # noqa: E402
 from jsonl import read_jsonl  # noqa: E402
 
 if __name__ != "__main__":  # imported (tests): jobs must still unpickle where this folder is not importable
@@ -234,17 +234,16 @@ def sweep_override(raw: dict, override: str) -> None:
     except yaml.YAMLError:
         raise ConfigError(f"override {override!r}: the value is not valid YAML (quote lists: 'grid.loss.beta=[0.1,0.3]')") from None
     parts = key.strip().split(".")
-    for depth, section in ((1, "grid"), (1, "overrides"), (2, "sft.overrides"), (2, "dpo.overrides")):
-        if ".".join(parts[:depth]) == section and len(parts) > depth:
-            node = raw
-            for part in parts[:depth]:
-                node = node.setdefault(part, {}) if isinstance(node.get(part), dict) or part not in node else node[part]
-            node[".".join(parts[depth:])] = value
-            return
+    depth = len(parts) - 1  # slurm.partition: a nested sweep key
+    for section in ("grid", "overrides", "sft.overrides", "dpo.overrides", "sft.slurm", "reference.slurm"):
+        if key.startswith(section + "."):  # the rest is one key of that mapping (a dotted training key)
+            depth = section.count(".") + 1
     node = raw
-    for part in parts[:-1]:
+    for part in parts[:depth]:
         node = node.setdefault(part, {})
-    node[parts[-1]] = value
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a mapping in the sweep file")
+    node[".".join(parts[depth:])] = value
 
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
@@ -560,12 +559,15 @@ class TrainJob(submitit.helpers.Checkpointable):
         except RuntimeError:  # not inside a submitit job (a direct call)
             nodes, node_rank, hosts = 1, 0, ["127.0.0.1"]
         per_node = self.gpus_per_node or self.launch["cpu_processes"]
+        # accelerate launch sets OMP_NUM_THREADS=1 unless told: give each process its share of the job's cores
+        threads = max(1, int(os.environ.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1) // per_node)
         # every node derives the same port from the job id; array tasks have distinct job ids
         port = 20000 + int(os.environ.get("SLURM_JOB_ID", os.getpid())) % 20000
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(per_node * nodes),
                "--num_machines", str(nodes), "--machine_rank", str(node_rank),
                "--main_process_ip", hosts[0] if nodes > 1 else "127.0.0.1", "--main_process_port", str(port),
-               "--mixed_precision", spec["mixed_precision"], "--dynamo_backend", "no", "--quiet"]
+               "--mixed_precision", spec["mixed_precision"], "--dynamo_backend", "no", "--quiet",
+               "--num_cpu_threads_per_process", str(threads)]
         # torchrun (several processes) would turn SIGTERM into killing the trainers 30 s later, mid-checkpoint;
         # the trainers handle SIGTERM/USR2 themselves and stop at a step boundary.
         env = {**os.environ, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGINT", **self.launch["env"]}
@@ -588,8 +590,9 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self, spec: dict) -> dict:
         cmd, env = self.command(spec)
         print("+ " + shlex.join(cmd), flush=True)
-        # Its own session, so checkpoint() can signal the whole tree; the launcher processes ignore SIGTERM/USR2
-        # (a trainer stops only at a step boundary, after saving) and the trainer installs its own handlers.
+        # Its own session, so checkpoint() can signal the whole tree. The launcher processes ignore SIGTERM/USR2 and
+        # so outlive the trainer, which restores the defaults at start and, once training, stops at a step boundary
+        # after saving a checkpoint.
         try:
             self._proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, start_new_session=True,
                                           preexec_fn=_ignore_stop_signals)
@@ -683,9 +686,9 @@ def job_spec(job: Job) -> dict:
 # ---------------------------------------------------------------- submission
 
 
-def make_executor(kind: str, folder: Path, sweep: Sweep, stage_slurm: dict, dependency: list[str] = ()):
+def make_executor(kind: str, out: Path, code: Path, sweep: Sweep, stage_slurm: dict, dependency: list[str] = ()):
     res = dataclasses.replace(sweep.slurm, **stage_slurm)
-    executor = submitit.AutoExecutor(folder=folder, cluster=kind,  # max_num_timeout: constructor only (submitit 1.5)
+    executor = submitit.AutoExecutor(folder=out / "submitit", cluster=kind,  # max_num_timeout: constructor only (submitit 1.5)
                                      **({"slurm_max_num_timeout": res.max_num_timeout} if kind == "slurm" else {}))
     params = dict(timeout_min=res.timeout_min, cpus_per_task=res.cpus_per_task, mem_gb=res.mem_gb, tasks_per_node=1,
                   name=f"dpo-{sweep.name}")
@@ -700,7 +703,7 @@ def make_executor(kind: str, folder: Path, sweep: Sweep, stage_slurm: dict, depe
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
     if kind == "local":  # time to checkpoint before the local controller kills a run at its time limit (AutoExecutor
         executor._executor.update_parameters(signal_delay_s=res.signal_delay_s)  # does not pass this one through)
-    task = TrainJob(str(folder.parent / "code"), os.getcwd(), res.gpus_per_node if kind == "slurm" else 0,
+    task = TrainJob(str(code), os.getcwd(), res.gpus_per_node if kind == "slurm" else 0,
                     dataclasses.asdict(sweep.launch), grace_s=max(10.0, res.signal_delay_s - 15.0))
     return executor, task
 
@@ -716,9 +719,8 @@ def submit_slurm(sweep: Sweep, jobs: list[Job], out: Path, code: Path, say, reme
     for stage, after in (("sft", []), ("reference", ["sft"])):
         for job in (j for j in jobs if j.kind == stage and j.state == "submit"):
             deps = [i for s in after for i in waiting_on[s]]
-            executor, task = make_executor("slurm", out / "submitit", sweep,
+            executor, task = make_executor("slurm", out, code, sweep,
                                            sweep.sft.slurm if stage == "sft" else sweep.reference.slurm, deps)
-            task.code_dir = str(code)
             submitted[job.key] = executor.submit(task, job_spec(job)).job_id
             remember(job.key, submitted[job.key])
             waiting_on[stage].append(submitted[job.key])
@@ -726,8 +728,7 @@ def submit_slurm(sweep: Sweep, jobs: list[Job], out: Path, code: Path, say, reme
     runs = [j for j in jobs if j.kind == "dpo" and j.state == "submit"]
     if runs:
         deps = waiting_on["sft"] + waiting_on["reference"]
-        executor, task = make_executor("slurm", out / "submitit", sweep, {}, deps)
-        task.code_dir = str(code)
+        executor, task = make_executor("slurm", out, code, sweep, {}, deps)
         array = executor.map_array(task, [job_spec(j) for j in runs])
         for job, handle in zip(runs, array):
             remember(job.key, handle.job_id)
@@ -737,8 +738,7 @@ def submit_slurm(sweep: Sweep, jobs: list[Job], out: Path, code: Path, say, reme
 
 def run_in_order(kind: str, sweep: Sweep, jobs: list[Job], out: Path, code: Path, record: dict, say) -> bool:
     """local/debug executors: no scheduler holds dependencies, so each stage waits for the one before."""
-    executor, task = make_executor(kind, out / "submitit", sweep, {})
-    task.code_dir = str(code)
+    executor, task = make_executor(kind, out, code, sweep, {})
 
     def start(job: Job):
         handle = executor.submit(task, job_spec(job))
@@ -755,8 +755,9 @@ def run_in_order(kind: str, sweep: Sweep, jobs: list[Job], out: Path, code: Path
             say(f"{job.key} FAILED: {lines[-1]}" + (f"; log: {handle.paths.stderr}" if kind == "local" else ""))
             return False
         evaluation = result.get("final_eval") or {}
-        say(f"{job.key} done" + (f": eval loss {evaluation['loss']:.4f}, accuracy "
-                                 f"{evaluation.get('rewards/accuracies', float('nan')):.3f}" if evaluation else ""))
+        summary = [f"eval loss {evaluation['loss']:.4f}"] if "loss" in evaluation else []
+        summary += [f"accuracy {evaluation['rewards/accuracies']:.3f}"] if "rewards/accuracies" in evaluation else []
+        say(f"{job.key} done" + (": " + ", ".join(summary) if summary else ""))
         return True
 
     for stage in ("sft", "reference"):
@@ -832,7 +833,7 @@ def _fmt(value) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    headers = {"run": "run", "job": "job", "state": "slurm state", "status": "run.json", "step": "step",
+    headers = {"run": "run", "job": "job", "state": "state", "status": "run.json", "step": "step",
                "eval_loss": "eval loss", "accuracy": "accuracy", "margin": "margin", "checkpoint": "checkpoint"}
     widths = {k: max(len(h), *(len(str(r[k])) for r in rows)) for k, h in headers.items()}
     print("  ".join(h.ljust(widths[k]) for k, h in headers.items()))

@@ -19,7 +19,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "slurm"))
 import sweep  # noqa: E402
-from config import ConfigError, UserInputError  # noqa: E402
+from config import ConfigError  # noqa: E402
 from jsonl import read_jsonl  # noqa: E402
 
 SWEEP = "configs/sweep_tiny.yaml"
@@ -164,13 +164,15 @@ class FakeJobEnvironment:
 def test_multi_node_command_ranks_nodes_and_shares_a_port(monkeypatch, deepspeed):
     monkeypatch.setattr(sweep.submitit, "JobEnvironment", FakeJobEnvironment)
     monkeypatch.setenv("SLURM_JOB_ID", "123456")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "64")
     launch = {"cpu_processes": 1, "deepspeed_config": deepspeed, "env": {"NCCL_DEBUG": "WARN"}, "local_parallelism": 1}
     job = sweep.TrainJob("/snap", "/work", gpus_per_node=8, launch=launch, grace_s=60)
     cmd, env = job.command({"config": "/c.yaml", "mode": "train", "mixed_precision": "bf16"})
-    flags = dict(zip(cmd[3::2], cmd[4::2]))
+    flags = {a: b for a, b in zip(cmd, cmd[1:]) if a.startswith("--")}
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert (flags["--num_processes"], flags["--num_machines"], flags["--machine_rank"]) == ("16", "2", "1")
     assert flags["--main_process_ip"] == "gpu-a01" and flags["--main_process_port"] == str(20000 + 123456 % 20000)
+    assert flags["--num_cpu_threads_per_process"] == "8"  # 64 cores of the node shared by its 8 processes
     assert cmd[-3:] == ["/snap/train_dpo.py", "--config", "/c.yaml"]
     assert env["NCCL_DEBUG"] == "WARN" and env["TORCHELASTIC_SIGNALS_TO_HANDLE"] == "SIGINT"
     assert "ACCELERATE_USE_CPU" not in env
@@ -258,7 +260,7 @@ def test_status_table_shows_every_run(finished_sweep):
     result = launcher("--config", SWEEP, f"root={root}", "--status")
     assert result.returncode == 0, result.stderr
     header, *lines = result.stdout.splitlines()
-    assert header.split() == ["run", "job", "slurm", "state", "run.json", "step", "eval", "loss", "accuracy", "margin",
+    assert header.split() == ["run", "job", "state", "run.json", "step", "eval", "loss", "accuracy", "margin",
                               "checkpoint"]
     by_run = {line.split()[0]: line.split() for line in lines}
     assert set(by_run) == {"sft", "reference-0", "beta0.1_seed0", "beta0.5_seed0"}
