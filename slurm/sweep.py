@@ -442,8 +442,12 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     if any(j not in states for j in job_ids):
         if not shutil.which("squeue"):
             raise UserInputError("squeue not found: run --status/--cancel and re-submissions on the cluster's login node")
-        for job_id, state in _scheduler_query(["squeue", "-h", "-r", "-o", "%i|%T", "-j", base]):
+        # --states=all: slurmctld still lists jobs that ended in the last MinJobAge seconds
+        for job_id, state in _scheduler_query(["squeue", "-h", "-r", "--states=all", "-o", "%i|%T", "-j", base]):
             states.setdefault(job_id, state)
+    for job_id in job_ids:  # an array cancelled before any task started is one sacct row under the array's id
+        if job_id not in states and job_id.split("_")[0] in states:
+            states[job_id] = states[job_id.split("_")[0]]
     return states
 
 

@@ -379,3 +379,23 @@ def test_local_and_debug_executors_run_the_same_sweep_file(tmp_path, executor):
     assert {r["executor"] for r in record(tmp_path, "sweep_tiny")["jobs"].values()} == {executor}
     again = launcher("--config", SWEEP, "--executor", executor, f"root={tmp_path}")
     assert "nothing to submit" in again.stdout
+
+
+def test_array_states_parse_from_sacct_and_squeue(monkeypatch):
+    """Real sacct/squeue lines seen on the local cluster: a pending array, one cancelled before any task started
+    (a single row under the array id), and a job only slurmctld knows yet. The scheduler is a fake here."""
+    outputs = {"sacct": "61|CANCELLED by 0\n62_[0-1%2]|PENDING\n63|CANCELLED by 0\n",
+               "squeue": "64_0|RUNNING\n64_1|PENDING\n"}
+    monkeypatch.setattr(sweep.shutil, "which", lambda name: name)
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, outputs[cmd[0]], ""))
+    states = sweep.slurm_states(["61", "62_0", "62_1", "63_0", "63_1", "64_0", "64_1"])
+    assert states == {"61": "CANCELLED", "62_0": "PENDING", "62_1": "PENDING", "63": "CANCELLED", "63_0": "CANCELLED",
+                      "63_1": "CANCELLED", "64_0": "RUNNING", "64_1": "PENDING"}
+
+
+def test_a_scheduler_that_does_not_answer_is_an_error_not_an_empty_queue(monkeypatch):
+    monkeypatch.setattr(sweep.shutil, "which", lambda name: name)
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 1, "", "sacct: error: Problem talking to the database: Connection refused"))
+    with pytest.raises(sweep.UserInputError, match="Connection refused.*cannot tell which jobs are still queued"):
+        sweep.slurm_states(["61"])
