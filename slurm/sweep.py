@@ -54,7 +54,8 @@ if str(REPO) not in sys.path:
 import submitit  # noqa: E402
 import yaml  # noqa: E402
 
-from config import Config, ConfigError, UserInputError, load_config, to_dict, to_yaml  # noqa: E402
+from config import (Config, ConfigError, UserInputError, _require, load_config, read_yaml, to_dict,  # noqa: E402
+                    to_yaml)
 from jsonl import read_jsonl  # noqa: E402
 
 if __name__ != "__main__":  # imported (tests): jobs must still unpickle where this folder is not importable
@@ -65,7 +66,7 @@ if __name__ != "__main__":  # imported (tests): jobs must still unpickle where t
 LAUNCHER_KEYS = ("output_dir", "loss.name", "loss.ref_cache_dir", "train.resume")  # set by the launcher for every run
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
-SHORT_NAMES = {"loss.type": "", "loss.label_smoothing": "ls", "train.learning_rate": "lr"}
+SHORT_NAMES = {"loss.type": "", "loss.label_smoothing": "ls"}  # otherwise a key's last part: beta, seed, lr
 
 
 # ---------------------------------------------------------------- the sweep file
@@ -189,11 +190,6 @@ class Sweep:
                      "DPO runs start from the SFT model: set sft.path to start them from another model")
 
 
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
-
-
 def _build(cls, raw, prefix: str = ""):
     """Nested dataclass from a YAML mapping; unknown keys and wrong types name the key."""
     _require(isinstance(raw, dict), prefix.rstrip(".") or "sweep", f"expected a mapping; got {raw!r}")
@@ -247,15 +243,7 @@ def sweep_override(raw: dict, override: str) -> None:
 
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: sweep file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"{path}{f' line {mark.line + 1}' if mark else ''}: not valid YAML "
-                          f"({getattr(e, 'problem', e)})") from None
+    raw = read_yaml(path)  # missing file, bad YAML (with its line), not UTF-8, not a mapping: named errors
     try:
         for override in overrides:
             sweep_override(raw, override)
@@ -284,27 +272,26 @@ def _text(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _name_part(key: str, value) -> str:
-    short = SHORT_NAMES.get(key, key.split(".")[-1])
+def _value_text(value) -> str:
     if isinstance(value, float):
         text = f"{value:g}"
     elif isinstance(value, list):
         text = "-".join(map(str, value))
     else:
         text = str(value).lower() if isinstance(value, bool) else str(value)
-    return short + re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-")
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-")
 
 
 def grid_runs(sweep: Sweep) -> list[tuple[str, list[str]]]:
-    """Every grid combination as (readable run name, overrides), in file order: beta0.1_seed0, beta0.1_seed1, ..."""
+    """Every grid combination as (readable run name, overrides), in file order: beta0.1_seed0, beta0.1_seed1, ...
+    A key's name part is its last component (or SHORT_NAMES); two keys sharing one use their full dotted names."""
     keys = list(sweep.grid)
     shorts = [SHORT_NAMES.get(k, k.split(".")[-1]) for k in keys]
-    clash = {s for s in shorts if s and shorts.count(s) > 1}
+    prefixes = [k.replace(".", "-") if short and shorts.count(short) > 1 else short for k, short in zip(keys, shorts)]
     runs = []
     for values in itertools.product(*(sweep.grid[k] for k in keys)):
-        parts = [(_name_part(k, v) if SHORT_NAMES.get(k, k.split(".")[-1]) not in clash
-                  else k.replace(".", "-") + _name_part("x", v)[1:]) for k, v in zip(keys, values)]
-        runs.append(("_".join(parts), [f"{k}={_text(v)}" for k, v in zip(keys, values)]))
+        name = "_".join(prefix + _value_text(v) for prefix, v in zip(prefixes, values))
+        runs.append((name, [f"{k}={_text(v)}" for k, v in zip(keys, values)]))
     names = [name for name, _ in runs]
     if len(set(names)) != len(names) or "sft" in names:
         raise ConfigError(f"grid values give clashing run names: {names}")
