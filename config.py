@@ -78,7 +78,10 @@ class DataConfig:
     columns: dict[str, str] = field(default_factory=dict)
     """Source column for each field, e.g. {prompt: question, chosen: response_j, rejected: response_k}."""
     eval_fraction: float = 0.05
-    """Fraction of pairs held out for evaluation (split by train.seed)."""
+    """Fraction of pairs held out for evaluation and generation."""
+    split_seed: int = 0
+    """Seed of the train/held-out split. Independent of train.seed, so every seed of a sweep (and the SFT model it
+    starts from) holds out the same pairs, and generate.py's heldout prompts were never trained on."""
     max_pairs: int = 0
     """Use only the first N valid pairs of the source (0 = all)."""
     on_bad_record: str = "error"

@@ -43,6 +43,21 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
+def repair_tail(path: str | Path) -> int:
+    """Cut a final line torn by a kill (no newline) before appending, so the next row does not fuse with it into an
+    unreadable line. Returns the number of bytes removed."""
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return 0
+    with open(path, "rb+") as fh:
+        data = fh.read()
+        if data.endswith(b"\n"):
+            return 0
+        keep = data.rfind(b"\n") + 1
+        fh.truncate(keep)
+    return len(data) - keep
+
+
 def rewrite_jsonl(path: str | Path, rows: list[dict]) -> None:
     """Replace the file atomically (write a temporary file, then rename)."""
     path = Path(path)

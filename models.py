@@ -9,6 +9,7 @@ gives a ModelError that says how to point at a local copy instead of a library s
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -73,6 +74,24 @@ def prepare_default_model(out_dir: Path = DEFAULT_MODEL_DIR, force: bool = False
     return out_dir
 
 
+def model_fingerprint(path: str) -> str:
+    """Cheap content fingerprint of a checkpoint (full model or LoRA adapter): its configs plus the size and first/last
+    MiB of every weight file. A hub id that is not a local folder fingerprints as `hub:<id>`."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return f"hub:{path}"
+    digest = hashlib.sha256()
+    for file in sorted(folder.iterdir()):
+        if file.name in ("config.json", "adapter_config.json") or file.suffix in {".safetensors", ".bin"}:
+            size = file.stat().st_size
+            digest.update(f"{file.name}:{size}".encode())
+            with open(file, "rb") as fh:
+                digest.update(fh.read(1 << 20))
+                fh.seek(max(0, size - (1 << 20)))
+                digest.update(fh.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
 def _is_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or path.startswith("models/") or Path(path).exists()
 
@@ -105,13 +124,14 @@ def load_tokenizer(path: str):
 
 
 def load_model(path: str, dtype: str = "float32"):
+    """dtype: float32 | bfloat16 | float16, or auto (the dtype the checkpoint was saved in)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if _is_local(path) and not Path(path).expanduser().exists():
         raise _hub_error("model", path, FileNotFoundError("folder not found"))
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, DTYPES[dtype]))
+        return AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype == "auto" else getattr(torch, DTYPES[dtype]))
     except (OSError, ValueError) as e:
         raise _hub_error("model", path, e) from None
 

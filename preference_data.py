@@ -1,7 +1,7 @@
 """Preference data: every source normalised to (prompt messages, chosen, rejected), split and filtered.
 
     pairs, report = load_pairs(cfg.data)          # DataConfig from config.py
-    train, eval_ = split_pairs(pairs, cfg.data.eval_fraction, cfg.train.seed)
+    train, eval_ = split_pairs(pairs, cfg.data.eval_fraction, cfg.data.split_seed)
 
 Sources: HH-RLHF dialogues (`\\n\\nHuman: ... \\n\\nAssistant: ...`), explicit prompt/chosen/rejected columns (TRL's
 standard form), TRL's conversational form (lists of {role, content}), the OpenAI/Azure DPO schema

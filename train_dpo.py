@@ -34,7 +34,7 @@ from pathlib import Path
 from chat_format import IGNORE_INDEX, resolve_template, sequence_and_labels, tokenize_pairs
 from config import Config, UserInputError, load_config, to_yaml
 from jsonl import append_jsonl, read_jsonl, rewrite_jsonl
-from models import load_model, load_tokenizer
+from models import load_model, load_tokenizer, model_fingerprint
 from preference_data import load_pairs, split_pairs
 
 REPO = Path(__file__).resolve().parent
@@ -57,8 +57,8 @@ def prepare_data(cfg: Config, tokenizer, log=print):
     pairs, report = load_pairs(cfg.data)
     for line in report.lines():
         log(f"data: {line}")
-    train_pairs, eval_pairs = split_pairs(pairs, cfg.data.eval_fraction, cfg.train.seed)
-    log(f"split (train.seed={cfg.train.seed}, data.eval_fraction={cfg.data.eval_fraction}): "
+    train_pairs, eval_pairs = split_pairs(pairs, cfg.data.eval_fraction, cfg.data.split_seed)
+    log(f"split (data.split_seed={cfg.data.split_seed}, data.eval_fraction={cfg.data.eval_fraction}): "
         f"train {len(train_pairs)}, eval {len(eval_pairs)}")
     t = cfg.tokenize
     train, train_counts = tokenize_pairs(tokenizer, train_pairs, t.max_length, t.max_prompt_length, t.chat_template)
@@ -211,23 +211,6 @@ def summarise(terms: dict) -> dict:
 
 
 # ---------------------------------------------------------------- reference log-probs, cached on disk
-
-
-def model_fingerprint(path: str) -> str:
-    """Cheap content fingerprint of a checkpoint: config plus size and first/last MiB of every weight file."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        return f"hub:{path}"
-    digest = hashlib.sha256()
-    for file in sorted(folder.iterdir()):
-        if file.name == "config.json" or file.suffix in {".safetensors", ".bin"}:
-            size = file.stat().st_size
-            digest.update(f"{file.name}:{size}".encode())
-            with open(file, "rb") as fh:
-                digest.update(fh.read(1 << 20))
-                fh.seek(max(0, size - (1 << 20)))
-                digest.update(fh.read(1 << 20))
-    return digest.hexdigest()[:16]
 
 
 def reference_key(cfg: Config, pairs) -> str:

@@ -35,7 +35,7 @@ from preference_data import load_pairs, split_pairs
 
 cfg = load_config(args["config"], args["overrides"])
 pairs, _ = load_pairs(cfg.data)
-train, _ = split_pairs(pairs, cfg.data.eval_fraction, cfg.train.seed)
+train, _ = split_pairs(pairs, cfg.data.eval_fraction, cfg.data.split_seed)
 rows = [{"prompt": list(p.prompt), "chosen": [{"role": "assistant", "content": p.chosen}],
          "rejected": [{"role": "assistant", "content": p.rejected}]} for p in train]
 tokenizer = load_tokenizer(cfg.model.path)

@@ -17,7 +17,7 @@ def test_default_config_dry_run():
     out = result.stdout
     assert "records read: 2312" in out and "pairs kept: 2303" in out
     assert "dropped (bad record) empty_field: 4" in out and "dropped (bad record) prompt_mismatch: 5" in out
-    assert "split (train.seed=0, data.eval_fraction=0.05): train 2188, eval 115" in out
+    assert "split (data.split_seed=0, data.eval_fraction=0.05): train 2188, eval 115" in out
     assert "masked from the loss" in out and "<|im_start|>assistant" in out
     assert "nothing was trained" in out
 
