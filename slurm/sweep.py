@@ -33,6 +33,7 @@ import dataclasses
 import datetime
 import fcntl
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -154,6 +155,31 @@ class ReferenceStage:
 
 
 @dataclass
+class GenerateStage:
+    prompts: list[str] = field(default_factory=lambda: ["heldout"])
+    """generate.py --prompts for every model: heldout (the pairs the sweep's runs held out), mt_bench, alpaca_eval, a
+    .jsonl file."""
+    engine: str = "auto"
+    """auto (vLLM where it imports) | vllm | hf."""
+    max_new_tokens: int = 256
+    """Answer length limit in tokens."""
+    temperature: float = 0.0
+    """0 = greedy, the evaluation default."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (with temperature > 0)."""
+    n: int = 1
+    """Answers per prompt (needs temperature > 0 when above 1)."""
+    seed: int = 0
+    """Sampling seed."""
+    limit: int = 0
+    """Answer a seeded subset of this many prompts of each set (0 = all)."""
+    args: list[str] = field(default_factory=list)
+    """Further generate.py flags, e.g. [--turns, both, --dtype, bfloat16]."""
+    slurm: dict[str, typing.Any] = field(default_factory=dict)
+    """Slurm resources that differ for generation jobs, e.g. {gpus_per_node: 1, timeout_min: 120} (one node each)."""
+
+
+@dataclass
 class Sweep:
     name: str = ""
     """Sweep name: outputs go to <root>/<name>/."""
@@ -168,6 +194,7 @@ class Sweep:
     sft: SftStage = field(default_factory=SftStage)
     dpo: DpoStage = field(default_factory=DpoStage)
     reference: ReferenceStage = field(default_factory=ReferenceStage)
+    generate: GenerateStage = field(default_factory=GenerateStage)
     slurm: SlurmResources = field(default_factory=SlurmResources)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
@@ -183,7 +210,8 @@ class Sweep:
                               ("dpo.overrides", self.dpo.overrides), ("grid", self.grid)):
             for key in keys:
                 _require(key not in LAUNCHER_KEYS, f"{section}.{key}", "is set by the launcher for each run")
-        for section, stage in (("sft.slurm", self.sft.slurm), ("reference.slurm", self.reference.slurm)):
+        for section, stage in (("sft.slurm", self.sft.slurm), ("reference.slurm", self.reference.slurm),
+                               ("generate.slurm", self.generate.slurm)):
             _build(SlurmResources, {**{k: v for k, v in dataclasses.asdict(self.slurm).items()}, **stage}, section + ".")
         for section, keys in (("dpo.overrides", self.dpo.overrides), ("grid", self.grid)):
             _require("model.path" not in keys, f"{section}.model.path",
@@ -231,7 +259,7 @@ def sweep_override(raw: dict, override: str) -> None:
         raise ConfigError(f"override {override!r}: the value is not valid YAML (quote lists: 'grid.loss.beta=[0.1,0.3]')") from None
     parts = key.strip().split(".")
     depth = len(parts) - 1  # slurm.partition: a nested sweep key
-    for section in ("grid", "overrides", "sft.overrides", "dpo.overrides", "sft.slurm", "reference.slurm"):
+    for section in ("grid", "overrides", "sft.overrides", "dpo.overrides", "sft.slurm", "reference.slurm", "generate.slurm"):
         if key.startswith(section + "."):  # the rest is one key of that mapping (a dotted training key)
             depth = section.count(".") + 1
     node = raw
@@ -620,18 +648,22 @@ class TrainJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(fresh, spec)
 
     def _stop_tree(self) -> None:
-        """Leave no training process behind (an interrupted debug/local job, a requeue that timed out)."""
-        if self._proc is None:
+        stop_tree(self._proc)
+
+
+def stop_tree(proc) -> None:
+    """Leave no child process behind (an interrupted debug/local job, a requeue that timed out)."""
+    if proc is None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 0)):
+        deadline = time.time() + wait_s
+        try:
+            os.killpg(proc.pid, sig)
+            while time.time() < deadline:
+                os.killpg(proc.pid, 0)
+                time.sleep(0.2)
+        except ProcessLookupError:
             return
-        for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 0)):
-            deadline = time.time() + wait_s
-            try:
-                os.killpg(self._proc.pid, sig)
-                while time.time() < deadline:
-                    os.killpg(self._proc.pid, 0)
-                    time.sleep(0.2)
-            except ProcessLookupError:
-                return
 
 
 def _ignore_stop_signals() -> None:
@@ -677,7 +709,8 @@ def job_spec(job: Job) -> dict:
 # ---------------------------------------------------------------- submission
 
 
-def make_executor(kind: str, out: Path, code: Path, sweep: Sweep, stage_slurm: dict, dependency: list[str] = ()):
+def make_executor(kind: str, out: Path, code: Path, sweep: Sweep, stage_slurm: dict, dependency: list[str] = (),
+                  dependency_type: str = "afterok"):
     res = dataclasses.replace(sweep.slurm, **stage_slurm)
     executor = submitit.AutoExecutor(folder=out / "submitit", cluster=kind,  # max_num_timeout: constructor only (submitit 1.5)
                                      **({"slurm_max_num_timeout": res.max_num_timeout} if kind == "slurm" else {}))
@@ -686,7 +719,7 @@ def make_executor(kind: str, out: Path, code: Path, sweep: Sweep, stage_slurm: d
     if kind == "slurm":
         extra = dict(res.additional)
         if dependency:  # a failed stage cancels its dependants instead of leaving them pending forever
-            extra.update(dependency="afterok:" + ":".join(dependency), kill_on_invalid_dep="yes")
+            extra.update(dependency=f"{dependency_type}:" + ":".join(dependency), kill_on_invalid_dep="yes")
         params.update(nodes=res.nodes, gpus_per_node=res.gpus_per_node, slurm_partition=res.partition,
                       slurm_account=res.account, slurm_qos=res.qos, slurm_constraint=res.constraint,
                       slurm_signal_delay_s=res.signal_delay_s, slurm_setup=list(res.setup),
@@ -849,6 +882,212 @@ def cancel(record: dict, states: dict[str, str], say) -> int:
     return len(slurm_ids) + len(local)
 
 
+# ---------------------------------------------------------------- generation stage (--generate)
+
+
+@dataclass
+class GenTarget:
+    """generate.py for one model of the sweep: the SFT model or a DPO run's final/."""
+    key: str              # generate/sft | generate/<run name>
+    name: str             # sft | <run name>
+    model: str
+    out: Path             # <sweep>/generations/<name>.jsonl
+    argv: list
+    trainer: Job | None   # the training job that makes the model (None: sft.path names it)
+    state: str = ""       # completed | active | submit | waiting (training still queued/running) | blocked
+    detail: str = ""
+    job_id: str = ""
+
+
+def heldout_config(jobs: list[Job], out: Path, sweep_file: str, write: bool = False) -> Path:
+    """One training config that names the held-out pairs of every run: SFT and DPO runs must agree on them (same
+    data and data.split_seed), so every model answers the same prompts, none of which it was trained on."""
+    training = [j for j in jobs if j.kind in ("sft", "dpo")]
+    data = {j.key: json.dumps(to_dict(j.config)["data"], sort_keys=True) for j in training}
+    differing = [k for k in data if data[k] != data[training[0].key]]
+    if differing:
+        raise ConfigError(f"{sweep_file}: generate.prompts: heldout: {training[0].key} and {differing[0]} hold out "
+                          f"different pairs (their data.* keys differ); name another prompt set or heldout:<config>")
+    path = out / "configs" / "heldout.yaml"
+    text = f"# written by slurm/sweep.py: the data (and held-out split) of every run in {sweep_file}\n" + \
+        to_yaml(next(j for j in training if j.kind == "dpo").config)
+    if write and (not path.is_file() or path.read_text() != text):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return path.resolve()
+
+
+def generation_plan(sweep: Sweep, jobs: list[Job], sweep_file: str) -> list[GenTarget]:
+    """generate.py arguments for the SFT model and every DPO run, checked by generate.py's own parser."""
+    import generate
+
+    g, out = sweep.generate, sweep_dir(sweep)
+    prompts = [f"heldout:{heldout_config(jobs, out, sweep_file)}" if p == "heldout" else p for p in g.prompts]
+    common = ["--prompts", *prompts, "--engine", g.engine, "--max-new-tokens", str(g.max_new_tokens),
+              "--temperature", str(g.temperature), "--top-p", str(g.top_p), "--n", str(g.n), "--seed", str(g.seed),
+              "--limit", str(g.limit), *map(str, g.args)]
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            generate.parse_args(["--model", "m", "--out", "o", *common])
+    except SystemExit:
+        raise ConfigError(f"{sweep_file}: generate: {errors.getvalue().strip().splitlines()[-1]}") from None
+    by_key = {j.key: j for j in jobs}
+    models = [("sft", sweep.sft.path or str(out / "sft" / "final"), by_key.get("sft"))]
+    models += [(j.key, str(out / j.key / "final"), j) for j in jobs if j.kind == "dpo"]
+    targets = []
+    for name, model, trainer in models:
+        answers = out / "generations" / f"{name}.jsonl"
+        argv = ["--model", model, "--out", str(answers), "--name", name, *common]
+        targets.append(GenTarget(f"generate/{name}", name, model, answers, argv, trainer))
+    return targets
+
+
+def generation_marker(target: GenTarget) -> dict:
+    """Written next to the answers when generate.py finished: valid while the arguments and the model match."""
+    return {"argv": target.argv, "model": model_stamp(target.model)}
+
+
+def classify_generation(targets: list[GenTarget], record: dict, states: dict[str, str]) -> None:
+    for t in targets:
+        t.job_id = record["jobs"].get(t.key, {}).get("job_id", "")
+        state = states.get(t.key, "")
+        trainer = t.trainer.state if t.trainer else "completed"
+        if _read_json(t.out.with_suffix(".done.json")) == generation_marker(t) and trainer == "completed":
+            t.state, t.detail = "completed", f"{sum(1 for _ in open(t.out))} answers written, same model and settings"
+        elif state in ACTIVE_STATES:
+            t.state, t.detail = "active", f"job {t.job_id} is {state}"
+        elif trainer == "completed":
+            t.state, t.detail = "submit", "model finished" + (f"; job {t.job_id} ended {state}" if t.job_id else "")
+        elif trainer == "active":
+            t.state, t.detail = "waiting", f"starts when training job {t.trainer.job_id} ends"
+        else:
+            t.state, t.detail = "blocked", "training not finished and not queued: run the sweep first"
+
+
+class GenerateJob(submitit.helpers.Checkpointable):
+    """`python <code>/generate.py ...` as a submitit job. generate.py skips answers already written, so a requeue
+    after a timeout or preemption loses at most the batch in flight."""
+
+    def __init__(self, code_dir: str, workdir: str, env: dict):
+        self.code_dir, self.workdir, self.env = code_dir, workdir, env
+        self._proc = None
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_proc"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _proc=None)
+
+    def __call__(self, spec: dict) -> dict:
+        if not Path(spec["model"]).expanduser().exists() and spec["model"].startswith(("/", ".")):
+            raise RuntimeError(f"{spec['model']} does not exist: its training did not finish")
+        cmd = [sys.executable, str(Path(self.code_dir) / "generate.py"), *spec["argv"]]
+        print("+ " + shlex.join(cmd), flush=True)
+        try:
+            self._proc = subprocess.Popen(cmd, cwd=self.workdir, env={**os.environ, **self.env}, start_new_session=True)
+            while self._proc.poll() is None:
+                time.sleep(0.5)
+        finally:
+            stop_tree(self._proc)
+        if self._proc.returncode != 0:
+            raise RuntimeError(f"generate.py for {spec['model']} ended with exit code {self._proc.returncode}")
+        Path(spec["marker"]).write_text(json.dumps(spec["marker_value"]))
+        return {"mode": "generate", "out": spec["out"], "answers": len(read_jsonl(spec["out"]))}
+
+    def checkpoint(self, spec: dict):
+        stop_tree(self._proc)  # rows already written stay; the requeued job skips them
+        return submitit.helpers.DelayedSubmission(GenerateJob(self.code_dir, self.workdir, self.env), spec)
+
+
+def generation_spec(t: GenTarget) -> dict:
+    return {"key": t.key, "model": t.model, "argv": t.argv, "out": str(t.out),
+            "marker": str(t.out.with_suffix(".done.json")), "marker_value": generation_marker(t)}
+
+
+def submit_generation(args, sweep: Sweep, jobs: list[Job], out: Path, say) -> int:
+    """Answers for the SFT model and every DPO run: one array for the models that are finished, one waiting
+    (afterany) on the training jobs still queued or running; locally, the finished models one after another."""
+    record = read_record(out)
+    states = scheduler_states(record, out)
+    classify(jobs, record, states)
+    targets = generation_plan(sweep, jobs, args.config)
+    classify_generation(targets, record, states)
+    say(f"sweep {sweep.name}: answers for {len(targets)} model(s) in {out / 'generations'}/")
+    for t in targets:
+        verb = {"completed": "skip", "active": "wait", "submit": "SUBMIT", "waiting": "SUBMIT", "blocked": "skip"}[t.state]
+        say(f"  {verb:6} {t.name:24} {t.detail}")
+    todo = [t for t in targets if t.state in ("submit", "waiting")]
+    if args.executor != "slurm":
+        todo = [t for t in todo if t.state == "submit"]
+    if args.dry_run or not todo:
+        say("dry run: nothing submitted" if args.dry_run else "nothing to submit: every model is answered, queued "
+            "or not trained yet")
+        return 0 if args.dry_run or not any(t.state == "blocked" for t in targets) else 1
+    if "heldout" in sweep.generate.prompts:
+        heldout_config(jobs, out, args.config, write=True)
+    code = snapshot_code(out)
+    say(f"code snapshot: {code}")
+    submission = {"time": _now(), "config": args.config, "code": str(code), "executor": args.executor,
+                  "stage": "generate", "jobs": {}}
+    record["submissions"].append(submission)
+
+    def remember(key: str, job_id: str, kind: str) -> None:
+        record["jobs"][key] = {"job_id": job_id, "executor": kind, "submitted": _now()}
+        submission["jobs"][key] = job_id
+        write_record(out, record)
+
+    stage_slurm = {**sweep.generate.slurm, "nodes": 1}
+    if args.executor == "slurm":
+        ready = [t for t in todo if t.state == "submit"]
+        waiting = [t for t in todo if t.state == "waiting"]
+        for group, deps in ((ready, []), (waiting, sorted({t.trainer.job_id for t in waiting}))):
+            if not group:
+                continue
+            executor, _ = make_executor("slurm", out, code, sweep, stage_slurm, deps, dependency_type="afterany")
+            task = GenerateJob(str(code), os.getcwd(), dict(sweep.launch.env))
+            try:
+                array = executor.map_array(task, [generation_spec(t) for t in group])
+            except submitit.core.utils.FailedJobError as e:
+                raise UserInputError(f"sbatch refused the job: {str(e).strip()}") from None
+            for t, handle in zip(group, array):
+                remember(t.key, handle.job_id, "slurm")
+            say(f"submitted generation for {len(group)} model(s) as array job {array[0].job_id.split('_')[0]}"
+                + (f" (after training jobs {', '.join(deps)} end)" if deps else ""))
+        say(f"watch it: python slurm/sweep.py --config {args.config} --generate --status")
+        return 0
+    executor, _ = make_executor(args.executor, out, code, sweep, stage_slurm)
+    task, ok = GenerateJob(str(code), os.getcwd(), dict(sweep.launch.env)), True
+    for t in todo:
+        handle = executor.submit(task, generation_spec(t))
+        remember(t.key, str(handle.job_id), args.executor)
+        say(f"started generation for {t.name} ({args.executor} job {handle.job_id})")
+        try:
+            result = handle.result()
+            say(f"{t.name}: {result['answers']} answers in {t.out}")
+        except Exception as e:
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            say(f"generation for {t.name} FAILED: {lines[-1]}"
+                + (f"; log: {handle.paths.stderr}" if args.executor == "local" else ""))
+            ok = False
+    return 0 if ok else 1
+
+
+def generation_status(sweep: Sweep, jobs: list[Job], out: Path, sweep_file: str) -> None:
+    record = read_record(out)
+    states = scheduler_states(record, out)
+    classify(jobs, record, states)
+    targets = generation_plan(sweep, jobs, sweep_file)
+    classify_generation(targets, record, states)
+    rows = [{"model": t.name, "job": t.job_id or "-", "state": states.get(t.key, "-"),
+             "answers": str(len(read_jsonl(t.out))) if t.out.is_file() else "0",
+             "done": "yes" if t.state == "completed" else "no", "file": str(t.out)} for t in targets]
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in rows[0]}
+    print("  ".join(k.ljust(widths[k]) for k in rows[0]))
+    for r in rows:
+        print("  ".join(r[k].ljust(widths[k]) for k in r))
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -907,6 +1146,9 @@ def main(argv=None) -> int:
     mode.add_argument("--dry-run", action="store_true", help="print the plan and submit nothing")
     mode.add_argument("--status", action="store_true", help="print one line per run: job, state, step, eval metrics")
     mode.add_argument("--cancel", action="store_true", help="cancel the sweep's queued and running jobs")
+    parser.add_argument("--generate", action="store_true",
+                        help="the generation stage: answers from the SFT model and every DPO run (with --dry-run, "
+                             "--status: its plan, its table)")
     parser.add_argument("overrides", nargs="*", help="sweep overrides: slurm.partition=gpu grid.loss.beta=[0.1,0.3]")
     args = parser.parse_args(argv)
 
@@ -917,6 +1159,9 @@ def main(argv=None) -> int:
         sweep = load_sweep(args.config, args.overrides)
         jobs = build_plan(sweep, args.config)
         out = sweep_dir(sweep)
+        if args.generate and args.status:
+            generation_status(sweep, jobs, out, args.config)
+            return 0
         if args.status or args.cancel:
             record = read_record(out)
             states = scheduler_states(record, out)
@@ -930,7 +1175,7 @@ def main(argv=None) -> int:
                                  "the local cluster: bash slurm/local_cluster.sh up && eval \"$(bash "
                                  "slurm/local_cluster.sh env)\"")
         with sweep_lock(out, shared=args.dry_run):  # plan and submit under one lock: no run submitted twice
-            return submit(args, sweep, jobs, out, say)
+            return (submit_generation if args.generate else submit)(args, sweep, jobs, out, say)
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ import yaml
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "slurm"))
+import generate  # noqa: E402
 import sweep  # noqa: E402
 from config import ConfigError  # noqa: E402
 from jsonl import read_jsonl  # noqa: E402
@@ -82,9 +83,9 @@ def write_sweep(tmp_path: Path, text: str) -> Path:
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("sweep_*.yaml")), ids=lambda p: p.name)
-def test_every_sweep_config_loads_and_expands(path):
+def test_every_sweep_config_loads_and_expands(path, tmp_path):
     assert path.read_text().startswith("# "), "every config starts with a comment giving its command"
-    loaded = sweep.load_sweep(path)
+    loaded = sweep.load_sweep(path, [f"root={tmp_path}"])
     jobs = sweep.build_plan(loaded, str(path))
     runs = [j for j in jobs if j.kind == "dpo"]
     n_grid = 1
@@ -95,6 +96,10 @@ def test_every_sweep_config_loads_and_expands(path):
     assert all(j.config.loss.name == "dpo" for j in runs)
     assert all(j.config.model.path == str(sweep.sweep_dir(loaded) / "sft" / "final") for j in runs)
     assert [j.key for j in jobs if j.kind == "reference"] == ["reference-0"]
+    targets = sweep.generation_plan(loaded, jobs, str(path))  # generate.py's own parser checks the arguments
+    assert [t.name for t in targets] == ["sft", *(j.key for j in runs)]
+    assert all(t.out == sweep.sweep_dir(loaded) / "generations" / f"{t.name}.jsonl" for t in targets)
+    assert not (sweep.sweep_dir(loaded) / "configs" / "heldout.yaml").exists(), "planning writes nothing"
 
 
 def test_default_sweep_has_three_betas_on_smollm2():
@@ -142,6 +147,21 @@ def test_bad_sweep_files_name_the_file_and_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as info:
         sweep.build_plan(sweep.load_sweep(path), str(path))
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("generate: {args: [--turns, three]}\n", "generate: .*argument --turns: invalid choice: 'three'"),
+    ("generate: {engine: fast}\n", "generate: .*argument --engine: invalid choice: 'fast'"),
+    ("generate: {n: 4}\n", "generate: .*--n > 1 with --temperature 0"),
+    ("generate: {slurm: {gpus: 1}}\n", "generate.slurm.gpus: unknown sweep key"),
+    ("grid: {data.max_pairs: [32, 64]}\n", "generate.prompts: heldout: sft and max_pairs32 hold out different pairs"),
+])
+def test_bad_generation_settings_name_the_key(tmp_path, text, message):
+    base = "name: s\nbase: configs/tiny.yaml\n" + ("" if text.startswith("grid") else "grid: {loss.beta: [0.1]}\n")
+    path = write_sweep(tmp_path, base + text)
+    with pytest.raises(ConfigError, match=message):
+        loaded = sweep.load_sweep(path)
+        sweep.generation_plan(loaded, sweep.build_plan(loaded, str(path)), str(path))
 
 
 def test_bad_training_key_in_the_grid_names_the_run(tmp_path):
@@ -214,15 +234,17 @@ def finished_sweep(cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm")
     result = launcher("--config", SWEEP, f"root={root}")
     assert result.returncode == 0, result.stdout + result.stderr
+    generation = launcher("--config", SWEEP, f"root={root}", "--generate")  # waits on the training jobs
+    assert generation.returncode == 0, generation.stdout + generation.stderr
     states = wait_for_jobs(root, "sweep_tiny")
-    return root, result.stdout, states
+    return root, result.stdout + generation.stdout, states
 
 
 def test_slurm_sweep_runs_sft_reference_and_one_array(finished_sweep):
     root, output, states = finished_sweep
     out = root / "sweep_tiny"
-    assert states == {"sft": "COMPLETED", "reference-0": "COMPLETED", "beta0.1_seed0": "COMPLETED",
-                      "beta0.5_seed0": "COMPLETED"}
+    assert {k: v for k, v in states.items() if not k.startswith("generate/")} == {
+        "sft": "COMPLETED", "reference-0": "COMPLETED", "beta0.1_seed0": "COMPLETED", "beta0.5_seed0": "COMPLETED"}
     jobs = record(root, "sweep_tiny")["jobs"]
     array_ids = [jobs[r]["job_id"] for r in ("beta0.1_seed0", "beta0.5_seed0")]
     assert {i.split("_")[0] for i in array_ids} == {array_ids[0].split("_")[0]}, "both runs in one job array"
@@ -253,6 +275,34 @@ def test_jobs_run_the_code_snapshot_taken_at_submission(finished_sweep):
     assert (snapshot / "train_dpo.py").read_bytes() == (REPO / "train_dpo.py").read_bytes()
     log = next((out / "submitit").glob("*_0_log.out")).read_text()
     assert f"{snapshot}/train_dpo.py --config {out}/configs/" in log
+
+
+def test_generation_waits_for_training_then_answers_for_every_model(finished_sweep):
+    root, output, states = finished_sweep
+    out = root / "sweep_tiny"
+    jobs = record(root, "sweep_tiny")["jobs"]
+    models = ("sft", "beta0.1_seed0", "beta0.5_seed0")
+    assert all(states[f"generate/{m}"] == "COMPLETED" for m in models), states
+    generation_ids = {jobs[f"generate/{m}"]["job_id"].split("_")[0] for m in models}
+    assert len(generation_ids) == 1, "one array for the models"
+    assert f"submitted generation for 3 model(s) as array job {generation_ids.pop()} (after training jobs" in output
+    held_out = [p.id for p in generate.load_prompts([f"heldout:{out}/configs/heldout.yaml"], "m")]
+    fingerprints = set()
+    for m in models:
+        rows = read_jsonl(out / "generations" / f"{m}.jsonl")
+        assert [r["prompt_id"] for r in sorted(rows, key=lambda r: held_out.index(r["prompt_id"]))] == held_out
+        assert {r["model_name"] for r in rows} == {m} and {r["engine"] for r in rows} == {"hf"}
+        assert rows[0]["model"] == str(out / m / "final")
+        fingerprints.add(rows[0]["model_fingerprint"])
+        assert (out / "generations" / f"{m}.done.json").is_file()
+    assert len(fingerprints) == 3, "each model answered, not one model three times"
+    again = launcher("--config", SWEEP, f"root={root}", "--generate")
+    assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout + again.stderr
+    table = launcher("--config", SWEEP, f"root={root}", "--generate", "--status")
+    header, *lines = table.stdout.splitlines()
+    assert header.split() == ["model", "job", "state", "answers", "done", "file"]
+    assert {line.split()[0]: line.split()[2:5] for line in lines} == {
+        m: ["COMPLETED", str(len(held_out)), "yes"] for m in models}
 
 
 def test_status_table_shows_every_run(finished_sweep):
@@ -379,6 +429,12 @@ def test_local_and_debug_executors_run_the_same_sweep_file(tmp_path, executor):
     assert {r["executor"] for r in record(tmp_path, "sweep_tiny")["jobs"].values()} == {executor}
     again = launcher("--config", SWEEP, "--executor", executor, f"root={tmp_path}")
     assert "nothing to submit" in again.stdout
+    generation = launcher("--config", SWEEP, "--executor", executor, f"root={tmp_path}", "--generate")
+    assert generation.returncode == 0, generation.stdout[-3000:] + generation.stderr[-3000:]
+    for run in ("sft", "beta0.1_seed0", "beta0.5_seed0"):
+        rows = read_jsonl(out / "generations" / f"{run}.jsonl")
+        assert rows and {r["model_name"] for r in rows} == {run}
+        assert f"{run}: {len(rows)} answers in" in generation.stdout
 
 
 def test_array_states_parse_from_sacct_and_squeue(monkeypatch):
