@@ -1,5 +1,6 @@
 # The two commands (see README):
 #   make demo   set up .venv and the default model, then run the embedded default sweep (SFT + 3 DPO runs, local)
+#               and answer the held-out and MT-Bench prompts with all four models (vLLM)
 #   make test   set up .venv with test dependencies, then run the whole test suite (what .ci/run calls)
 PY := .venv/bin/python
 
@@ -11,6 +12,8 @@ demo: setup
 	$(PY) train_dpo.py --config configs/default.yaml --dry-run
 	$(PY) slurm/sweep.py --config configs/sweep_default.yaml --executor local
 	$(PY) slurm/sweep.py --config configs/sweep_default.yaml --status
+	$(PY) slurm/sweep.py --config configs/sweep_default.yaml --executor local --generate
+	$(PY) slurm/sweep.py --config configs/sweep_default.yaml --generate --status
 
 # The local Slurm cluster comes up before the tests and goes down after them, pass or fail.
 test:

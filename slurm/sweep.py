@@ -943,9 +943,10 @@ def generation_plan(sweep: Sweep, jobs: list[Job], sweep_file: str) -> list[GenT
     return targets
 
 
-def generation_marker(target: GenTarget) -> dict:
-    """Written next to the answers when generate.py finished: valid while the arguments and the model match."""
-    return {"argv": target.argv, "model": model_stamp(target.model)}
+def generation_marker(argv: list, model: str) -> dict:
+    """Written next to the answers when generate.py finished (the model as it is then: a job submitted before its
+    training ended must not record the model's absence): valid while the arguments and the model match."""
+    return {"argv": argv, "model": model_stamp(model)}
 
 
 def classify_generation(targets: list[GenTarget], record: dict, states: dict[str, str]) -> None:
@@ -953,7 +954,7 @@ def classify_generation(targets: list[GenTarget], record: dict, states: dict[str
         t.job_id = record["jobs"].get(t.key, {}).get("job_id", "")
         state = states.get(t.key, "")
         trainer = t.trainer.state if t.trainer else "completed"
-        if _read_json(t.out.with_suffix(".done.json")) == generation_marker(t) and trainer == "completed":
+        if _read_json(t.out.with_suffix(".done.json")) == generation_marker(t.argv, t.model) and trainer == "completed":
             t.state, t.detail = "completed", f"{sum(1 for _ in open(t.out))} answers written, same model and settings"
         elif state in ACTIVE_STATES:
             t.state, t.detail = "active", f"job {t.job_id} is {state}"
@@ -980,7 +981,7 @@ class GenerateJob(submitit.helpers.Checkpointable):
         self.__dict__.update(state, _proc=None)
 
     def __call__(self, spec: dict) -> dict:
-        if not Path(spec["model"]).expanduser().exists() and spec["model"].startswith(("/", ".")):
+        if spec["made_by_sweep"] and not Path(spec["model"]).expanduser().is_dir():
             raise RuntimeError(f"{spec['model']} does not exist: its training did not finish")
         cmd = [sys.executable, str(Path(self.code_dir) / "generate.py"), *spec["argv"]]
         print("+ " + shlex.join(cmd), flush=True)
@@ -992,7 +993,7 @@ class GenerateJob(submitit.helpers.Checkpointable):
             stop_tree(self._proc)
         if self._proc.returncode != 0:
             raise RuntimeError(f"generate.py for {spec['model']} ended with exit code {self._proc.returncode}")
-        Path(spec["marker"]).write_text(json.dumps(spec["marker_value"]))
+        Path(spec["marker"]).write_text(json.dumps(generation_marker(spec["argv"], spec["model"])))
         return {"mode": "generate", "out": spec["out"], "answers": len(read_jsonl(spec["out"]))}
 
     def checkpoint(self, spec: dict):
@@ -1001,8 +1002,8 @@ class GenerateJob(submitit.helpers.Checkpointable):
 
 
 def generation_spec(t: GenTarget) -> dict:
-    return {"key": t.key, "model": t.model, "argv": t.argv, "out": str(t.out),
-            "marker": str(t.out.with_suffix(".done.json")), "marker_value": generation_marker(t)}
+    return {"key": t.key, "model": t.model, "argv": t.argv, "out": str(t.out), "made_by_sweep": t.trainer is not None,
+            "marker": str(t.out.with_suffix(".done.json"))}
 
 
 def submit_generation(args, sweep: Sweep, jobs: list[Job], out: Path, say) -> int:

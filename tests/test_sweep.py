@@ -273,8 +273,11 @@ def test_jobs_run_the_code_snapshot_taken_at_submission(finished_sweep):
     out = root / "sweep_tiny"
     (snapshot,) = (out / "code").iterdir()
     assert (snapshot / "train_dpo.py").read_bytes() == (REPO / "train_dpo.py").read_bytes()
-    log = next((out / "submitit").glob("*_0_log.out")).read_text()
+    sft_job = record(root, "sweep_tiny")["jobs"]["sft"]["job_id"]
+    log = (out / "submitit" / f"{sft_job}_0_log.out").read_text()
     assert f"{snapshot}/train_dpo.py --config {out}/configs/" in log
+    generation_job = record(root, "sweep_tiny")["jobs"]["generate/sft"]["job_id"]
+    assert f"{snapshot}/generate.py --model" in (out / "submitit" / f"{generation_job}_0_log.out").read_text()
 
 
 def test_generation_waits_for_training_then_answers_for_every_model(finished_sweep):
