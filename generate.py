@@ -39,9 +39,7 @@ from config import UserInputError, load_config
 from jsonl import append_jsonl, read_jsonl, repair_tail
 
 REPO = Path(__file__).resolve().parent
-SHARED_DATA = REPO.parent / "shared" / "data"
-NAMED_SETS = {"mt_bench": SHARED_DATA / "mt_bench" / "question.jsonl",
-              "alpaca_eval": SHARED_DATA / "alpaca_eval" / "eval_instructions.jsonl"}
+NAMED_SETS = {"mt_bench": "mt_bench/question.jsonl", "alpaca_eval": "alpaca_eval/eval_instructions.jsonl"}
 ROLES = ("system", "user", "assistant")
 DEFAULT_BATCH = {"hf": 16, "vllm": 256}
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -154,14 +152,23 @@ def heldout_prompts(source: str, model: str) -> list[Prompt]:
             for p in held_out]
 
 
+def shared_data() -> Path:
+    """$DPO_SHARED_DATA, else ../shared/data from the working directory (where training configs point), else beside
+    this file's folder (a sweep's jobs run a code snapshot from the directory the sweep was launched in)."""
+    candidates = [Path(os.environ["DPO_SHARED_DATA"])] if os.environ.get("DPO_SHARED_DATA") else []
+    candidates += [Path("../shared/data"), REPO.parent / "shared" / "data"]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
 def load_prompt_set(spec: str, model: str, turns: str = "first", limit: int = 0, subset_seed: int = 0) -> list[Prompt]:
     """Prompts of a named set, a held-out split or a jsonl file; with limit, a seeded subset kept in source order."""
     if spec == "heldout" or spec.startswith("heldout:"):
         prompts = heldout_prompts(spec.partition(":")[2], model)
     else:
-        path = NAMED_SETS.get(spec, Path(spec))
+        path = shared_data() / NAMED_SETS[spec] if spec in NAMED_SETS else Path(spec)
         if not path.is_file():
-            raise GenerationError(f"--prompts {spec}: no such file (named sets: heldout, {', '.join(NAMED_SETS)})")
+            raise GenerationError(f"--prompts {spec}: no such file: {path} (named sets: heldout, {', '.join(NAMED_SETS)}"
+                                  f", read from ../shared/data or $DPO_SHARED_DATA)")
         set_name = spec if spec in NAMED_SETS else path.name.split(".")[0]
         prompts, first_line = [], {}
         for number, record in _read_lines(path):

@@ -43,6 +43,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import typing
 from dataclasses import dataclass, field
@@ -775,8 +776,7 @@ def run_in_order(kind: str, sweep: Sweep, jobs: list[Job], out: Path, code: Path
         try:
             result = handle.result()
         except Exception as e:  # submitit's error holds the job's traceback; its last line names the failure
-            lines = str(e).strip().splitlines() or [type(e).__name__]
-            say(f"{job.key} FAILED: {lines[-1]}" + (f"; log: {handle.paths.stderr}" if kind == "local" else ""))
+            say(f"{job.key} FAILED: {failure_line(e)}" + (f"; log: {handle.paths.stderr}" if kind == "local" else ""))
             return False
         evaluation = result.get("final_eval") or {}
         summary = [f"eval loss {evaluation['loss']:.4f}"] if "loss" in evaluation else []
@@ -800,6 +800,12 @@ def run_in_order(kind: str, sweep: Sweep, jobs: list[Job], out: Path, code: Path
             ok = finish(job, handle) and ok
             running.remove((job, handle))
     return ok
+
+
+def failure_line(error: Exception) -> str:
+    """The line of a failed job's error that says what went wrong (submitit's message ends with log paths)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+    return next((line for line in reversed(lines) if re.match(r"^[\w.]+(Error|Exception): ", line)), lines[-1])
 
 
 def _now() -> str:
@@ -985,20 +991,35 @@ class GenerateJob(submitit.helpers.Checkpointable):
             raise RuntimeError(f"{spec['model']} does not exist: its training did not finish")
         cmd = [sys.executable, str(Path(self.code_dir) / "generate.py"), *spec["argv"]]
         print("+ " + shlex.join(cmd), flush=True)
+        errors: list[str] = []
         try:
-            self._proc = subprocess.Popen(cmd, cwd=self.workdir, env={**os.environ, **self.env}, start_new_session=True)
+            self._proc = subprocess.Popen(cmd, cwd=self.workdir, env={**os.environ, **self.env}, start_new_session=True,
+                                          stderr=subprocess.PIPE, text=True, errors="replace")
+            tee = threading.Thread(target=_tee, args=(self._proc.stderr, errors), daemon=True)
+            tee.start()
             while self._proc.poll() is None:
                 time.sleep(0.5)
+            tee.join(timeout=10)
         finally:
             stop_tree(self._proc)
         if self._proc.returncode != 0:
-            raise RuntimeError(f"generate.py for {spec['model']} ended with exit code {self._proc.returncode}")
+            said = next((line for line in reversed(errors) if line.startswith("error: ")), "see the job log")
+            raise RuntimeError(f"generate.py for {spec['model']} ended with exit code {self._proc.returncode}: {said}")
         Path(spec["marker"]).write_text(json.dumps(generation_marker(spec["argv"], spec["model"])))
         return {"mode": "generate", "out": spec["out"], "answers": len(read_jsonl(spec["out"]))}
 
     def checkpoint(self, spec: dict):
         stop_tree(self._proc)  # rows already written stay; the requeued job skips them
         return submitit.helpers.DelayedSubmission(GenerateJob(self.code_dir, self.workdir, self.env), spec)
+
+
+def _tee(stream, last: list) -> None:
+    """Copy generate.py's stderr to the job log, keeping the last lines for the failure message."""
+    for line in stream:
+        sys.stderr.write(line)
+        last.append(line.strip())
+        del last[:-50]
+    sys.stderr.flush()
 
 
 def generation_spec(t: GenTarget) -> dict:
@@ -1067,8 +1088,7 @@ def submit_generation(args, sweep: Sweep, jobs: list[Job], out: Path, say) -> in
             result = handle.result()
             say(f"{t.name}: {result['answers']} answers in {t.out}")
         except Exception as e:
-            lines = str(e).strip().splitlines() or [type(e).__name__]
-            say(f"generation for {t.name} FAILED: {lines[-1]}"
+            say(f"generation for {t.name} FAILED: {failure_line(e)}"
                 + (f"; log: {handle.paths.stderr}" if args.executor == "local" else ""))
             ok = False
     return 0 if ok else 1
@@ -1151,7 +1171,7 @@ def main(argv=None) -> int:
                         help="the generation stage: answers from the SFT model and every DPO run (with --dry-run, "
                              "--status: its plan, its table)")
     parser.add_argument("overrides", nargs="*", help="sweep overrides: slurm.partition=gpu grid.loss.beta=[0.1,0.3]")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
 
     def say(message: str) -> None:
         print(f"[sweep {datetime.datetime.now():%H:%M:%S}] {message}", flush=True)

@@ -289,11 +289,12 @@ def test_generation_waits_for_training_then_answers_for_every_model(finished_swe
     generation_ids = {jobs[f"generate/{m}"]["job_id"].split("_")[0] for m in models}
     assert len(generation_ids) == 1, "one array for the models"
     assert f"submitted generation for 3 model(s) as array job {generation_ids.pop()} (after training jobs" in output
-    held_out = [p.id for p in generate.load_prompts([f"heldout:{out}/configs/heldout.yaml"], "m")]
+    prompt_ids = [p.id for p in generate.load_prompts([f"heldout:{out}/configs/heldout.yaml", "mt_bench"], "m", limit=4)]
+    assert len(prompt_ids) == 8
     fingerprints = set()
     for m in models:
         rows = read_jsonl(out / "generations" / f"{m}.jsonl")
-        assert [r["prompt_id"] for r in sorted(rows, key=lambda r: held_out.index(r["prompt_id"]))] == held_out
+        assert [r["prompt_id"] for r in sorted(rows, key=lambda r: prompt_ids.index(r["prompt_id"]))] == prompt_ids
         assert {r["model_name"] for r in rows} == {m} and {r["engine"] for r in rows} == {"hf"}
         assert rows[0]["model"] == str(out / m / "final")
         fingerprints.add(rows[0]["model_fingerprint"])
@@ -305,7 +306,7 @@ def test_generation_waits_for_training_then_answers_for_every_model(finished_swe
     header, *lines = table.stdout.splitlines()
     assert header.split() == ["model", "job", "state", "answers", "done", "file"]
     assert {line.split()[0]: line.split()[2:5] for line in lines} == {
-        m: ["COMPLETED", str(len(held_out)), "yes"] for m in models}
+        m: ["COMPLETED", str(len(prompt_ids)), "yes"] for m in models}
 
 
 def test_status_table_shows_every_run(finished_sweep):
@@ -438,6 +439,11 @@ def test_local_and_debug_executors_run_the_same_sweep_file(tmp_path, executor):
         rows = read_jsonl(out / "generations" / f"{run}.jsonl")
         assert rows and {r["model_name"] for r in rows} == {run}
         assert f"{run}: {len(rows)} answers in" in generation.stdout
+    broken = launcher("--config", SWEEP, "--executor", executor, f"root={tmp_path}", "--generate",
+                      "generate.prompts=[nope.jsonl]")
+    assert broken.returncode == 1
+    assert "generation for sft FAILED: " in broken.stdout and "generate.py for" in broken.stdout
+    assert "error: --prompts nope.jsonl: no such file" in broken.stdout
 
 
 def test_array_states_parse_from_sacct_and_squeue(monkeypatch):
