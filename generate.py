@@ -3,7 +3,7 @@
     python generate.py --model logs/default/beta0.1_seed0/final --prompts heldout --out answers.jsonl
         [--engine auto|vllm|hf] [--n 1] [--temperature 0] [--top-p 1] [--max-new-tokens 256] [--seed 0]
         [--batch-size N] [--limit N] [--subset-seed 0] [--turns first|both] [--chat-template auto|model|hh]
-        [--dtype auto|bfloat16|float32] [--max-model-len 2048] [--tensor-parallel-size 0] [--name NAME]
+        [--dtype auto|bfloat16|float32] [--max-model-len 0] [--tensor-parallel-size 0] [--name NAME]
 
 --model: a checkpoint folder (a run's final/, the merged copy of a LoRA run), a LoRA adapter folder (final/adapter:
 served through vLLM's LoRARequest or peft on the base named in adapter_config.json), or a hub id.
@@ -15,10 +15,12 @@ several sets.
 Every prompt is formatted by chat_format.fit_prompt, the function training uses, and handed to the engine as token
 ids, so the template is applied once and no BOS is doubled. Sampling parameters are always explicit: vLLM runs with
 generation_config="vllm" and HF with a blank GenerationConfig, because both otherwise fill unset values from the
-checkpoint's generation_config.json (SmolLM2's asks for top_p 0.9, temperature 0.2). Greedy by default.
+checkpoint's generation_config.json (Llama-3-8B-Instruct's asks for temperature 0.6, top_p 0.9). Greedy by default.
 
-Rows are appended per batch, keyed by (model fingerprint, prompt id, sample index, sampling hash): a re-run skips what
-is written, a kill loses at most the batch in flight, and a torn last line is cut before appending.
+Rows are appended per batch, keyed by (model fingerprint, prompt id, sample index, sampling hash, formatted-prompt
+hash): a re-run skips what is written, a kill loses at most the batch in flight, and a torn last line is cut before
+appending. Sampling (temperature > 0) is seeded per answer in vLLM and per batch in HF (transformers has no per-row
+generator), so HF samples reproduce only with the same batches.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from chat_format import FormattingError
+from chat_format import FormattingError, fit_prompt
 from config import UserInputError, load_config
 from jsonl import append_jsonl, read_jsonl, repair_tail
 
@@ -85,7 +87,7 @@ def _messages(value, where: str) -> tuple:
 
 def _read_lines(path: Path):
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON strings may hold U+2028
     except UnicodeDecodeError as e:
         raise GenerationError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     for number, line in enumerate(lines, 1):
@@ -111,7 +113,10 @@ def _prompt_from_record(record: dict, set_name: str, number: int, where: str, tu
     if "instruction" in record:  # AlpacaEval
         record_id = record.get("index", number - 1)
         meta = {"dataset": "alpaca_eval", "source": record.get("dataset"), "turn": 1}
-        return Prompt(f"alpaca_eval/{record_id}", _messages(record["instruction"], where), record["instruction"], meta)
+        text = record["instruction"]
+        if isinstance(text, str) and isinstance(record.get("input"), str) and record["input"].strip():
+            text = f"{text}\n\n{record['input']}"  # Alpaca-style records keep their input after the instruction
+        return Prompt(f"alpaca_eval/{record_id}", _messages(text, where), text, meta)
     value = record.get("messages", record.get("prompt"))
     if value is None:
         raise GenerationError(f"{where}: needs 'prompt' (text or chat messages), 'messages', 'instruction' (AlpacaEval) "
@@ -225,7 +230,7 @@ def resolve_model(path: str, name: str = "", base_model: str = "") -> ModelSpec:
         return ModelSpec(path, path, None, path, model_fingerprint(path), label, run_config)
     try:
         base = base_model or json.loads(adapter_config.read_text())["base_model_name_or_path"]
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise GenerationError(f"{adapter_config}: no base_model_name_or_path ({e}); pass --base-model") from None
     if not base_model and not Path(base).expanduser().exists() and (REPO / base).exists():
         base = str(REPO / base)  # saved relative to the repo root by train_dpo.py
@@ -282,6 +287,17 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def tensor_parallel_default(weights: str) -> int:
+    """The most visible GPUs that split the model's attention heads evenly (SmolLM2's 9 heads: 1 or 3)."""
+    import torch
+
+    config = Path(weights).expanduser() / "config.json"
+    values = json.loads(config.read_text()) if config.is_file() else {}
+    heads = [values.get(k) for k in ("num_attention_heads", "num_key_value_heads", "n_head") if values.get(k)]
+    gpus = max(1, torch.cuda.device_count())
+    return next(n for n in range(gpus, 0, -1) if all(h % n == 0 for h in heads))
+
+
 class VLLMEngine:
     """vLLM's offline LLM. One model per process: vLLM does not reliably free a model's memory for a second one."""
 
@@ -298,7 +314,7 @@ class VLLMEngine:
         self.sampling_params, self.stop_ids, self.args = SamplingParams, stop_ids, args
         kwargs = dict(model=spec.weights, tokenizer=spec.tokenizer, dtype=args.dtype, seed=args.seed,
                       max_model_len=args.max_model_len, generation_config="vllm",
-                      tensor_parallel_size=args.tensor_parallel_size or max(1, torch.cuda.device_count()),
+                      tensor_parallel_size=args.tensor_parallel_size or tensor_parallel_default(spec.weights),
                       gpu_memory_utilization=args.gpu_memory_utilization or (0.9 if on_gpu else 0.3),
                       enforce_eager=not on_gpu)
         self.lora_request = None
@@ -306,7 +322,11 @@ class VLLMEngine:
             from vllm.lora.request import LoRARequest
 
             rank = json.loads((Path(spec.adapter) / "adapter_config.json").read_text()).get("r", 16)
-            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= rank))
+            max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), None)
+            if max_rank is None:
+                raise GenerationError(f"{spec.adapter}: LoRA rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]}); "
+                                      f"use the merged model ({Path(spec.adapter).parent}) or --engine hf")
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=max_rank)
             self.lora_request = LoRARequest("adapter", 1, str(Path(spec.adapter).resolve()))
         try:
             self.llm = LLM(**kwargs)
@@ -344,7 +364,11 @@ class HFEngine:
         if spec.adapter:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, spec.adapter)
+            try:
+                model = PeftModel.from_pretrained(model, spec.adapter)
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise GenerationError(f"{spec.adapter}: peft cannot load this adapter onto {spec.weights} ({first})") from None
         # generate() fills every value left at its global default from the checkpoint's generation_config.json;
         # a blank config leaves only what is passed below.
         model.generation_config = GenerationConfig()
@@ -379,7 +403,7 @@ def sampling_settings(args, stop_ids: list[int], template: str, max_prompt_token
     """Everything that shapes an answer besides the model and the prompt; hashed into the row key."""
     settings = {"temperature": args.temperature, "top_p": args.top_p if args.temperature > 0 else 1.0, "top_k": 0,
                 "repetition_penalty": 1.0, "max_new_tokens": args.max_new_tokens, "stop_token_ids": stop_ids,
-                "chat_template": template, "max_prompt_tokens": max_prompt_tokens}
+                "chat_template": template, "max_prompt_tokens": max_prompt_tokens, "dtype": args.dtype}
     if args.temperature > 0:
         settings["seed"] = args.seed  # greedy answers do not depend on it: changing it must not redo them
     return settings
@@ -391,6 +415,15 @@ def digest(value, n: int = 12) -> str:
 
 def sample_seed(seed: int, prompt_id: str, sample_index: int) -> int:
     return int(digest([seed, prompt_id, sample_index], 8), 16) & 0x7FFFFFFF
+
+
+def format_prompt(tokenizer, prompt: Prompt, max_prompt_tokens: int, template: str):
+    """chat_format.fit_prompt, with a failing chat template named by the prompt it failed on."""
+    try:
+        return fit_prompt(tokenizer, prompt.messages, max_prompt_tokens, template)
+    except Exception as e:  # jinja2 raises TemplateError (a plain Exception) for histories a strict template refuses
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise GenerationError(f"prompt {prompt.id}: the chat template cannot format it ({type(e).__name__}: {first})") from None
 
 
 def with_answer(prompt: Prompt, answer: str) -> Prompt:
@@ -412,18 +445,26 @@ class OutputLock:
 
 
 def run(args, log=print) -> dict:
-    from chat_format import fit_prompt, resolve_template
+    from chat_format import resolve_template
     from models import load_tokenizer
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = OutputLock(out)  # noqa: F841  (held until the process exits)
+    if out.is_dir():
+        raise GenerationError(f"--out {out}: is a folder; name a .jsonl file")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock = OutputLock(out)  # noqa: F841  (held while run() runs)
+    except OSError as e:
+        raise GenerationError(f"--out {out}: cannot write there ({e.strerror})") from None
     spec = resolve_model(args.model, args.name, args.base_model)
     tokenizer = load_tokenizer(spec.tokenizer)
     template_mode = args.chat_template or (load_config(spec.run_config).tokenize.chat_template if spec.run_config else "auto")
     template = resolve_template(tokenizer, template_mode)
     stop_ids = stop_token_ids(tokenizer, spec.weights)
-    args.max_model_len = args.max_model_len or context_length(spec.weights)
+    context = context_length(spec.weights, cap=1 << 30)
+    if args.max_model_len > context:
+        raise GenerationError(f"--max-model-len {args.max_model_len} is longer than {spec.weights}'s context ({context})")
+    args.max_model_len = args.max_model_len or min(context, 2048)
     max_prompt_tokens = args.max_model_len - args.max_new_tokens
     if max_prompt_tokens < 1:
         raise GenerationError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in --max-model-len "
@@ -435,17 +476,22 @@ def run(args, log=print) -> dict:
     dropped = repair_tail(out)
     if dropped:
         log(f"{out}: cut a torn last line ({dropped} bytes) left by a kill")
-    done = {row["key"]: row for row in read_jsonl(out) if "key" in row}
+    try:
+        done = {row["key"]: row for row in read_jsonl(out) if "key" in row}
+    except (ValueError, UnicodeDecodeError) as e:  # a line broken mid-file: not ours to repair silently
+        raise GenerationError(f"--out {out}: cannot resume from it ({e}); move it aside or fix that line") from None
     engine, stats = None, {"written": 0, "skipped": 0, "new_tokens": 0, "generate_s": 0.0, "engine_start_s": 0.0}
     wave = [(p, i) for p in prompts for i in range(args.n)]
     while wave:  # one wave per turn: MT-Bench's second turns need the first answers
-        requests = []
+        requests, formatted = [], {}
         for prompt, i in wave:
-            key = f"{spec.fingerprint}|{prompt.id}|{i}|{settings_hash}"
+            # per Prompt object: samples share a first turn, but each second turn holds its own first answer
+            ids, kept, truncated = formatted.get(id(prompt)) or format_prompt(tokenizer, prompt, max_prompt_tokens, template)
+            formatted[id(prompt)] = ids, kept, truncated
+            key = f"{spec.fingerprint}|{prompt.id}|{i}|{settings_hash}|{digest(ids, 8)}"
             if key in done:
                 stats["skipped"] += 1
                 continue
-            ids, kept, truncated = fit_prompt(tokenizer, prompt.messages, max_prompt_tokens, template)
             requests.append(Request(prompt, i, ids, truncated, kept, sample_seed(args.seed, prompt.id, i), key))
         if requests and engine is None:
             started = time.time()
@@ -453,8 +499,9 @@ def run(args, log=print) -> dict:
             stats["engine_start_s"] = round(time.time() - started, 1)
         if requests:
             generate_all(engine, requests, spec, args, settings, settings_hash, out, done, stats)
-        wave = [(with_answer(p, done[f"{spec.fingerprint}|{p.id}|{i}|{settings_hash}"]["response"]), i)
-                for p, i in wave if p.next_turns]
+        answered = {(r["prompt_id"], r["sample_index"]): r["response"] for r in done.values()
+                    if r["key"].startswith(spec.fingerprint + "|") and r["sampling_hash"] == settings_hash}
+        wave = [(with_answer(p, answered[p.id, i]), i) for p, i in wave if p.next_turns]
     rate = stats["new_tokens"] / stats["generate_s"] if stats["generate_s"] else 0.0
     log(f"{spec.name}: wrote {stats['written']} answers, skipped {stats['skipped']} already in {out}"
         + (f"; engine start {stats['engine_start_s']} s, {stats['new_tokens']} tokens in {stats['generate_s']:.1f} s "
@@ -537,6 +584,8 @@ def parse_args(argv=None):
                            ("--gpu-memory-utilization", 0 <= args.gpu_memory_utilization <= 1, "in (0, 1]")):
         if not ok:
             p.error(f"{flag} must be {rule}")
+    if 0 < args.temperature < 1e-3:
+        p.error("--temperature below 1e-3 is greedy in vLLM but sampling in HF; use 0 for greedy")
     if args.n > 1 and args.temperature == 0:
         p.error("--n > 1 with --temperature 0 gives n identical greedy answers; set --temperature")
     return args

@@ -929,15 +929,21 @@ def generation_plan(sweep: Sweep, jobs: list[Job], sweep_file: str) -> list[GenT
 
     g, out = sweep.generate, sweep_dir(sweep)
     prompts = [f"heldout:{heldout_config(jobs, out, sweep_file)}" if p == "heldout" else p for p in g.prompts]
+    templates = {j.config.tokenize.chat_template for j in jobs if j.kind in ("sft", "dpo")}
+    if len(templates) > 1:
+        raise ConfigError(f"{sweep_file}: runs use different tokenize.chat_template values {sorted(templates)}: their "
+                          f"answers would not be comparable")
+    template = ["--chat-template", templates.pop()] if "--chat-template" not in g.args else []
     common = ["--prompts", *prompts, "--engine", g.engine, "--max-new-tokens", str(g.max_new_tokens),
               "--temperature", str(g.temperature), "--top-p", str(g.top_p), "--n", str(g.n), "--seed", str(g.seed),
-              "--limit", str(g.limit), *map(str, g.args)]
+              "--limit", str(g.limit), *template, *map(str, g.args)]
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors):
             generate.parse_args(["--model", "m", "--out", "o", *common])
     except SystemExit:
-        raise ConfigError(f"{sweep_file}: generate: {errors.getvalue().strip().splitlines()[-1]}") from None
+        said = (errors.getvalue().strip().splitlines() or ["generate.args asks generate.py to exit (--help?)"])[-1]
+        raise ConfigError(f"{sweep_file}: generate: {said}") from None
     by_key = {j.key: j for j in jobs}
     models = [("sft", sweep.sft.path or str(out / "sft" / "final"), by_key.get("sft"))]
     models += [(j.key, str(out / j.key / "final"), j) for j in jobs if j.kind == "dpo"]
@@ -960,14 +966,18 @@ def classify_generation(targets: list[GenTarget], record: dict, states: dict[str
         t.job_id = record["jobs"].get(t.key, {}).get("job_id", "")
         state = states.get(t.key, "")
         trainer = t.trainer.state if t.trainer else "completed"
-        if _read_json(t.out.with_suffix(".done.json")) == generation_marker(t.argv, t.model) and trainer == "completed":
-            t.state, t.detail = "completed", f"{sum(1 for _ in open(t.out))} answers written, same model and settings"
+        foreign = t.trainer and t.trainer.state == "active" and record["jobs"].get(t.trainer.key, {}).get("executor") != "slurm"
+        if t.out.is_file() and _read_json(t.out.with_suffix(".done.json")) == generation_marker(t.argv, t.model) \
+                and trainer == "completed":
+            t.state, t.detail = "completed", f"{len(read_jsonl(t.out))} answers written, same model and settings"
         elif state in ACTIVE_STATES:
             t.state, t.detail = "active", f"job {t.job_id} is {state}"
         elif trainer == "completed":
             t.state, t.detail = "submit", "model finished" + (f"; job {t.job_id} ended {state}" if t.job_id else "")
-        elif trainer == "active":
+        elif trainer == "active" and not foreign:
             t.state, t.detail = "waiting", f"starts when training job {t.trainer.job_id} ends"
+        elif trainer == "active":
+            t.state, t.detail = "blocked", f"training is running under another launch ({t.trainer.detail}); run --generate when it ends"
         else:
             t.state, t.detail = "blocked", "training not finished and not queued: run the sweep first"
 
@@ -1037,7 +1047,8 @@ def submit_generation(args, sweep: Sweep, jobs: list[Job], out: Path, say) -> in
     classify_generation(targets, record, states)
     say(f"sweep {sweep.name}: answers for {len(targets)} model(s) in {out / 'generations'}/")
     for t in targets:
-        verb = {"completed": "skip", "active": "wait", "submit": "SUBMIT", "waiting": "SUBMIT", "blocked": "skip"}[t.state]
+        verb = {"completed": "skip", "active": "wait", "submit": "SUBMIT", "blocked": "skip",
+                "waiting": "SUBMIT" if args.executor == "slurm" else "wait"}[t.state]
         say(f"  {verb:6} {t.name:24} {t.detail}")
     todo = [t for t in targets if t.state in ("submit", "waiting")]
     if args.executor != "slurm":

@@ -12,7 +12,7 @@ import pytest
 
 import generate
 from chat_format import encode_prompt
-from conftest import REPO, SHARED_DATA
+from conftest import REPO
 from jsonl import read_jsonl
 from models import load_tokenizer, save_tiny_model
 
@@ -107,6 +107,23 @@ def test_bad_prompt_files_name_the_line(tmp_path, lines, message):
         generate.load_prompts([str(path)], "m")
 
 
+def test_a_line_separator_inside_a_json_string_is_not_a_line_break(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "one\u2028two\u0085three"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    (prompt,) = generate.load_prompts([str(path)], "m")
+    assert prompt.given == "one\u2028two\u0085three" and prompt.id == "p/1"
+
+
+def test_bad_output_files_are_clear_errors(tmp_path, tiny_dir, chat_file):
+    result = gen("--model", tiny_dir, "--prompts", chat_file, "--out", tmp_path)
+    assert result.returncode == 2 and "is a folder" in result.stderr
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"key": "a"}\n{oops\n{"key": "b"}\n')
+    result = gen("--model", tiny_dir, "--prompts", chat_file, "--out", broken, "--engine", "hf")
+    assert result.returncode == 2 and "cannot resume from it" in result.stderr and "line 2" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_bad_command_lines_are_clear_errors(tmp_path, tiny_dir):
     result = gen("--model", tiny_dir, "--prompts", "mt_bench", "--out", tmp_path / "o.jsonl", "--n", "2")
     assert result.returncode == 2 and "--n > 1 with --temperature 0" in result.stderr
@@ -153,6 +170,33 @@ def test_hf_engine_on_a_tiny_model_writes_rows_and_resume_skips(tmp_path, tiny_d
     assert sorted((r["prompt_id"], r["sample_index"]) for r in sampled) == sorted(
         (pid, i) for pid in {r["prompt_id"] for r in sampled} for i in (0, 1))
     assert len({r["sampling_hash"] for r in read_jsonl(out)}) == 2
+
+
+def test_an_edited_prompt_is_answered_again(tmp_path, tiny_dir):
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "answers.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "Name three colours."}\n{"id": "b", "prompt": "Count to three."}\n')
+    ok(gen("--model", tiny_dir, "--prompts", prompts, "--out", out, "--engine", "hf", "--max-new-tokens", "4"))
+    prompts.write_text('{"id": "a", "prompt": "Name four colours."}\n{"id": "b", "prompt": "Count to three."}\n')
+    err = ok(gen("--model", tiny_dir, "--prompts", prompts, "--out", out, "--engine", "hf", "--max-new-tokens", "4"))
+    assert "wrote 1 answers, skipped 1" in err
+    assert [r["prompt"] for r in read_jsonl(out) if r["prompt_id"] == "p/a"] == ["Name three colours.", "Name four colours."]
+
+
+def test_second_turns_follow_their_own_first_answers(tmp_path, tiny_dir):
+    """--turns both with two samples: sample i's follow-up carries sample i's first answer, also after a resume."""
+    out = tmp_path / "answers.jsonl"
+    args = ["--model", tiny_dir, "--prompts", "mt_bench", "--limit", "2", "--out", out, "--engine", "hf",
+            "--max-new-tokens", "6", "--temperature", "1.0", "--n", "2"]
+    ok(gen(*args))  # first turns only
+    err = ok(gen(*args, "--turns", "both"))
+    assert "wrote 4 answers, skipped 4" in err
+    rows = read_jsonl(out)
+    first = {(r["prompt_id"], r["sample_index"]): r["response"] for r in rows if r["turn"] == 1}
+    seconds = [r for r in rows if r["turn"] == 2]
+    assert len(seconds) == 4
+    for r in seconds:
+        parent = r["prompt_id"].rsplit("/", 1)[0]
+        assert r["messages"][1] == {"role": "assistant", "content": first[parent, r["sample_index"]]}
 
 
 def test_a_torn_last_line_is_cut_and_redone(tmp_path, tiny_dir, chat_file):
@@ -208,6 +252,17 @@ def test_hf_engine_on_smollm2_formats_like_training(tmp_path, default_model_dir,
         first = rows[r["prompt_id"].rsplit("/", 1)[0]]
         assert r["messages"][1] == {"role": "assistant", "content": first["response"]}
     assert all(r["response"].strip() for r in rows.values()), "real weights answer in words"
+
+
+def test_hf_left_padding_does_not_change_greedy_answers(tmp_path, default_model_dir):
+    """Batches of 8 mixed-length prompts (left-padded) answer as one prompt at a time does."""
+    answers = {}
+    for batch in (1, 8):
+        out = tmp_path / f"b{batch}.jsonl"
+        ok(gen("--model", default_model_dir, "--prompts", "mt_bench", "--limit", "8", "--out", out, "--engine", "hf",
+               "--max-new-tokens", "8", "--dtype", "float32", "--batch-size", batch))
+        answers[batch] = {r["prompt_id"]: r["response"] for r in read_jsonl(out)}
+    assert answers[1] == answers[8]
 
 
 # ---------------------------------------------------------------- vLLM-CPU (one engine per start)

@@ -439,6 +439,10 @@ def test_local_and_debug_executors_run_the_same_sweep_file(tmp_path, executor):
         rows = read_jsonl(out / "generations" / f"{run}.jsonl")
         assert rows and {r["model_name"] for r in rows} == {run}
         assert f"{run}: {len(rows)} answers in" in generation.stdout
+    (out / "generations" / "sft.jsonl").unlink()  # answers gone, marker left: answered again, alone
+    redo = launcher("--config", SWEEP, "--executor", executor, f"root={tmp_path}", "--generate")
+    assert redo.returncode == 0 and "started generation for sft" in redo.stdout, redo.stdout + redo.stderr
+    assert "started generation for beta" not in redo.stdout and read_jsonl(out / "generations" / "sft.jsonl")
     broken = launcher("--config", SWEEP, "--executor", executor, f"root={tmp_path}", "--generate",
                       "generate.prompts=[nope.jsonl]")
     assert broken.returncode == 1
