@@ -239,12 +239,15 @@ def resolve_model(path: str, name: str = "", base_model: str = "") -> ModelSpec:
                      f"{model_fingerprint(base)}+lora:{model_fingerprint(path)}", label, run_config)
 
 
-def context_length(weights: str, cap: int = 2048) -> int:
-    """The model's context (max_position_embeddings, GPT-2's n_positions), at most `cap`: KV cache for longer
-    contexts than evaluation prompts need is memory vLLM would reserve for nothing."""
+def model_config(weights: str) -> dict:
+    """The checkpoint's config.json, or {} for a hub id."""
     config = Path(weights).expanduser() / "config.json"
-    values = json.loads(config.read_text()) if config.is_file() else {}
-    return min(cap, values.get("max_position_embeddings") or values.get("n_positions") or cap)
+    return json.loads(config.read_text()) if config.is_file() else {}
+
+
+def context_length(config: dict) -> int | None:
+    """The model's context (max_position_embeddings, GPT-2's n_positions), or None when the config does not say."""
+    return config.get("max_position_embeddings") or config.get("n_positions")
 
 
 def stop_token_ids(tokenizer, weights: str) -> list[int]:
@@ -287,13 +290,11 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def tensor_parallel_default(weights: str) -> int:
+def tensor_parallel_default(config: dict) -> int:
     """The most visible GPUs that split the model's attention heads evenly (SmolLM2's 9 heads: 1 or 3)."""
     import torch
 
-    config = Path(weights).expanduser() / "config.json"
-    values = json.loads(config.read_text()) if config.is_file() else {}
-    heads = [values.get(k) for k in ("num_attention_heads", "num_key_value_heads", "n_head") if values.get(k)]
+    heads = [config.get(k) for k in ("num_attention_heads", "num_key_value_heads", "n_head") if config.get(k)]
     gpus = max(1, torch.cuda.device_count())
     return next(n for n in range(gpus, 0, -1) if all(h % n == 0 for h in heads))
 
@@ -314,7 +315,7 @@ class VLLMEngine:
         self.sampling_params, self.stop_ids, self.args = SamplingParams, stop_ids, args
         kwargs = dict(model=spec.weights, tokenizer=spec.tokenizer, dtype=args.dtype, seed=args.seed,
                       max_model_len=args.max_model_len, generation_config="vllm",
-                      tensor_parallel_size=args.tensor_parallel_size or tensor_parallel_default(spec.weights),
+                      tensor_parallel_size=args.tensor_parallel_size or tensor_parallel_default(model_config(spec.weights)),
                       gpu_memory_utilization=args.gpu_memory_utilization or (0.9 if on_gpu else 0.3),
                       enforce_eager=not on_gpu)
         self.lora_request = None
@@ -461,10 +462,11 @@ def run(args, log=print) -> dict:
     template_mode = args.chat_template or (load_config(spec.run_config).tokenize.chat_template if spec.run_config else "auto")
     template = resolve_template(tokenizer, template_mode)
     stop_ids = stop_token_ids(tokenizer, spec.weights)
-    context = context_length(spec.weights, cap=1 << 30)
-    if args.max_model_len > context:
+    context = context_length(model_config(spec.weights))
+    if context and args.max_model_len > context:
         raise GenerationError(f"--max-model-len {args.max_model_len} is longer than {spec.weights}'s context ({context})")
-    args.max_model_len = args.max_model_len or min(context, 2048)
+    # at most 2048 by default: KV cache for longer contexts than evaluation prompts need is memory vLLM reserves for nothing
+    args.max_model_len = args.max_model_len or min(context or 2048, 2048)
     max_prompt_tokens = args.max_model_len - args.max_new_tokens
     if max_prompt_tokens < 1:
         raise GenerationError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in --max-model-len "

@@ -862,9 +862,11 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def print_table(rows: list[dict]) -> None:
-    headers = {"run": "run", "job": "job", "state": "state", "status": "run.json", "step": "step",
-               "eval_loss": "eval loss", "accuracy": "accuracy", "margin": "margin", "checkpoint": "checkpoint"}
+STATUS_HEADERS = {"run": "run", "job": "job", "state": "state", "status": "run.json", "step": "step",
+                  "eval_loss": "eval loss", "accuracy": "accuracy", "margin": "margin", "checkpoint": "checkpoint"}
+
+
+def print_table(rows: list[dict], headers: dict[str, str] = STATUS_HEADERS) -> None:
     widths = {k: max(len(h), *(len(str(r[k])) for r in rows)) for k, h in headers.items()}
     print("  ".join(h.ljust(widths[k]) for k, h in headers.items()))
     for r in rows:
@@ -1040,11 +1042,7 @@ def generation_spec(t: GenTarget) -> dict:
 def submit_generation(args, sweep: Sweep, jobs: list[Job], out: Path, say) -> int:
     """Answers for the SFT model and every DPO run: one array for the models that are finished, one waiting
     (afterany) on the training jobs still queued or running; locally, the finished models one after another."""
-    record = read_record(out)
-    states = scheduler_states(record, out)
-    classify(jobs, record, states)
-    targets = generation_plan(sweep, jobs, args.config)
-    classify_generation(targets, record, states)
+    record, states, targets = generation_state(sweep, jobs, out, args.config)
     say(f"sweep {sweep.name}: answers for {len(targets)} model(s) in {out / 'generations'}/")
     for t in targets:
         verb = {"completed": "skip", "active": "wait", "submit": "SUBMIT", "blocked": "skip",
@@ -1105,19 +1103,22 @@ def submit_generation(args, sweep: Sweep, jobs: list[Job], out: Path, say) -> in
     return 0 if ok else 1
 
 
-def generation_status(sweep: Sweep, jobs: list[Job], out: Path, sweep_file: str) -> None:
+def generation_state(sweep: Sweep, jobs: list[Job], out: Path, sweep_file: str):
+    """(job record, scheduler states, classified generation targets): where training and generation stand."""
     record = read_record(out)
     states = scheduler_states(record, out)
     classify(jobs, record, states)
     targets = generation_plan(sweep, jobs, sweep_file)
     classify_generation(targets, record, states)
+    return record, states, targets
+
+
+def generation_status(sweep: Sweep, jobs: list[Job], out: Path, sweep_file: str) -> None:
+    _, states, targets = generation_state(sweep, jobs, out, sweep_file)
     rows = [{"model": t.name, "job": t.job_id or "-", "state": states.get(t.key, "-"),
-             "answers": str(len(read_jsonl(t.out))) if t.out.is_file() else "0",
-             "done": "yes" if t.state == "completed" else "no", "file": str(t.out)} for t in targets]
-    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in rows[0]}
-    print("  ".join(k.ljust(widths[k]) for k in rows[0]))
-    for r in rows:
-        print("  ".join(r[k].ljust(widths[k]) for k in r))
+             "answers": len(read_jsonl(t.out)) if t.out.is_file() else 0,
+             "done": "yes" if t.state == "completed" else "no", "file": t.out} for t in targets]
+    print_table(rows, {k: k for k in rows[0]})
 
 
 # ---------------------------------------------------------------- main
