@@ -299,26 +299,41 @@ def tensor_parallel_default(config: dict) -> int:
     return next(n for n in range(gpus, 0, -1) if all(h % n == 0 for h in heads))
 
 
+def start_vllm(weights: str, tokenizer: str, args, error=None, **extra):
+    """vLLM's offline LLM with this project's defaults (also judge.py's): explicit sampling only
+    (generation_config="vllm"), every visible GPU that splits the heads, and on CPU eager mode, a 1 GiB KV cache and
+    30% of the memory (vLLM's defaults ask for most of the machine). A start-up failure is one line naming the way
+    out. One model per process: vLLM does not reliably free a model's memory for a second one."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default asks for most of the RAM
+    from vllm import LLM
+
+    kwargs = dict(model=weights, tokenizer=tokenizer, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len,
+                  generation_config="vllm",
+                  tensor_parallel_size=args.tensor_parallel_size or tensor_parallel_default(model_config(weights)),
+                  gpu_memory_utilization=args.gpu_memory_utilization or (0.9 if on_gpu else 0.3),
+                  enforce_eager=not on_gpu, **extra)
+    try:
+        return LLM(**kwargs)
+    except Exception as e:  # a library's start-up failure, said in one line with the way out
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise (error or GenerationError)(f"vLLM could not start {weights} ({type(e).__name__}: {first}); "
+                                         f"--engine hf runs it with transformers") from None
+
+
 class VLLMEngine:
-    """vLLM's offline LLM. One model per process: vLLM does not reliably free a model's memory for a second one."""
+    """generate.py's vLLM engine: per-answer seeds, a LoRA adapter through LoRARequest."""
 
     name = "vllm"
 
     def __init__(self, spec: ModelSpec, args, stop_ids: list[int]):
-        import torch
-
-        on_gpu = torch.cuda.is_available()
-        if not on_gpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default asks for most of the RAM
-        from vllm import LLM, SamplingParams
+        from vllm import SamplingParams
 
         self.sampling_params, self.stop_ids, self.args = SamplingParams, stop_ids, args
-        kwargs = dict(model=spec.weights, tokenizer=spec.tokenizer, dtype=args.dtype, seed=args.seed,
-                      max_model_len=args.max_model_len, generation_config="vllm",
-                      tensor_parallel_size=args.tensor_parallel_size or tensor_parallel_default(model_config(spec.weights)),
-                      gpu_memory_utilization=args.gpu_memory_utilization or (0.9 if on_gpu else 0.3),
-                      enforce_eager=not on_gpu)
-        self.lora_request = None
+        extra, self.lora_request = {}, None
         if spec.adapter:
             from vllm.lora.request import LoRARequest
 
@@ -327,14 +342,9 @@ class VLLMEngine:
             if max_rank is None:
                 raise GenerationError(f"{spec.adapter}: LoRA rank {rank} is above vLLM's largest ({VLLM_LORA_RANKS[-1]}); "
                                       f"use the merged model ({Path(spec.adapter).parent}) or --engine hf")
-            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=max_rank)
+            extra = dict(enable_lora=True, max_loras=1, max_lora_rank=max_rank)
             self.lora_request = LoRARequest("adapter", 1, str(Path(spec.adapter).resolve()))
-        try:
-            self.llm = LLM(**kwargs)
-        except Exception as e:  # a library's start-up failure, said in one line with the way out
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise GenerationError(f"vLLM could not start {spec.weights} ({type(e).__name__}: {first}); "
-                                  f"--engine hf runs it with transformers") from None
+        self.llm = start_vllm(spec.weights, spec.tokenizer, args, **extra)
 
     def generate(self, batch: list[Request]) -> list[Answer]:
         a = self.args
