@@ -181,6 +181,32 @@ class GenerateStage:
 
 
 @dataclass
+class JudgeStage:
+    judge_model: str = "meta-llama/Meta-Llama-3-8B-Instruct"
+    """judge.py --judge-model: checkpoint folder or hub id (its tokenizer is used with every engine)."""
+    engine: str = "auto"
+    """auto (openai with --base-url in args, else vLLM where it imports) | vllm | hf | openai."""
+    mode: str = "choice"
+    """choice (the judge's probabilities of [[A]]/[[B]]/[[C]]) | generate (explanation, then the last [[X]])."""
+    order: str = "random"
+    """random (one seeded position draw per pair) | both (each pair in both orders; disagreement = tie)."""
+    template: str = "hh-v1"
+    """judge.py --template."""
+    seed: int = 0
+    """Position draws, --limit subsets, bootstrap."""
+    limit: int = 0
+    """Judge a seeded subset of this many pairs per DPO run (0 = all)."""
+    calibrate: list[str] = field(default_factory=lambda: ["llmbar:Natural", "llmbar:Adversarial", "heldout"])
+    """Human-labelled sets the judge is measured on once per sweep ([] = none); heldout = the sweep's held-out pairs."""
+    calibration_limit: int = 0
+    """A seeded subset of this many pairs per calibration set (0 = all)."""
+    args: list[str] = field(default_factory=list)
+    """Further judge.py flags, e.g. [--base-url, http://judge-node:8000/v1] or [--tensor-parallel-size, 4]."""
+    slurm: dict[str, typing.Any] = field(default_factory=dict)
+    """Slurm resources that differ for judging jobs, e.g. {gpus_per_node: 1} (one node each)."""
+
+
+@dataclass
 class Sweep:
     name: str = ""
     """Sweep name: outputs go to <root>/<name>/."""
@@ -196,6 +222,7 @@ class Sweep:
     dpo: DpoStage = field(default_factory=DpoStage)
     reference: ReferenceStage = field(default_factory=ReferenceStage)
     generate: GenerateStage = field(default_factory=GenerateStage)
+    judge: JudgeStage = field(default_factory=JudgeStage)
     slurm: SlurmResources = field(default_factory=SlurmResources)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
@@ -212,7 +239,7 @@ class Sweep:
             for key in keys:
                 _require(key not in LAUNCHER_KEYS, f"{section}.{key}", "is set by the launcher for each run")
         for section, stage in (("sft.slurm", self.sft.slurm), ("reference.slurm", self.reference.slurm),
-                               ("generate.slurm", self.generate.slurm)):
+                               ("generate.slurm", self.generate.slurm), ("judge.slurm", self.judge.slurm)):
             _build(SlurmResources, {**{k: v for k, v in dataclasses.asdict(self.slurm).items()}, **stage}, section + ".")
         for section, keys in (("dpo.overrides", self.dpo.overrides), ("grid", self.grid)):
             _require("model.path" not in keys, f"{section}.model.path",
@@ -260,7 +287,8 @@ def sweep_override(raw: dict, override: str) -> None:
         raise ConfigError(f"override {override!r}: the value is not valid YAML (quote lists: 'grid.loss.beta=[0.1,0.3]')") from None
     parts = key.strip().split(".")
     depth = len(parts) - 1  # slurm.partition: a nested sweep key
-    for section in ("grid", "overrides", "sft.overrides", "dpo.overrides", "sft.slurm", "reference.slurm", "generate.slurm"):
+    for section in ("grid", "overrides", "sft.overrides", "dpo.overrides", "sft.slurm", "reference.slurm", "generate.slurm",
+                    "judge.slurm"):
         if key.startswith(section + "."):  # the rest is one key of that mapping (a dotted training key)
             depth = section.count(".") + 1
     node = raw
@@ -999,9 +1027,10 @@ class GenerateJob(submitit.helpers.Checkpointable):
         self.__dict__.update(state, _proc=None)
 
     def __call__(self, spec: dict) -> dict:
-        if spec["made_by_sweep"] and not Path(spec["model"]).expanduser().is_dir():
+        script = spec.get("script", "generate.py")  # judge.py jobs are the same shape: resumable, marker at the end
+        if spec.get("made_by_sweep") and not Path(spec["model"]).expanduser().is_dir():
             raise RuntimeError(f"{spec['model']} does not exist: its training did not finish")
-        cmd = [sys.executable, str(Path(self.code_dir) / "generate.py"), *spec["argv"]]
+        cmd = [sys.executable, str(Path(self.code_dir) / script), *spec["argv"]]
         print("+ " + shlex.join(cmd), flush=True)
         errors: list[str] = []
         try:
@@ -1016,7 +1045,11 @@ class GenerateJob(submitit.helpers.Checkpointable):
             stop_tree(self._proc)
         if self._proc.returncode != 0:
             said = next((line for line in reversed(errors) if line.startswith("error: ")), "see the job log")
-            raise RuntimeError(f"generate.py for {spec['model']} ended with exit code {self._proc.returncode}: {said}")
+            raise RuntimeError(f"{script} for {spec.get('model') or spec['key']} ended with exit code "
+                               f"{self._proc.returncode}: {said}")
+        if script == "judge.py":
+            Path(spec["marker"]).write_text(json.dumps(judging_marker(spec["argv"], spec["inputs"])))
+            return {"mode": "judge", "out": spec["out"], "verdicts": len(read_jsonl(spec["out"]))}
         Path(spec["marker"]).write_text(json.dumps(generation_marker(spec["argv"], spec["model"])))
         return {"mode": "generate", "out": spec["out"], "answers": len(read_jsonl(spec["out"]))}
 
@@ -1121,6 +1154,211 @@ def generation_status(sweep: Sweep, jobs: list[Job], out: Path, sweep_file: str)
     print_table(rows, {k: k for k in rows[0]})
 
 
+# ---------------------------------------------------------------- judging stage (--judge)
+
+
+@dataclass
+class JudgeTarget:
+    """judge.py for the calibration sets, or for one DPO run's answers against the SFT answers."""
+    key: str              # judge/calibration | judge/<run name>
+    name: str
+    out: Path             # <sweep>/judgments/<name>.jsonl (summary beside it)
+    argv: list
+    inputs: list          # files judge.py reads: the marker stamps them, so new answers mean a new judging
+    deps: list            # the generation (and calibration) targets that make the inputs
+    state: str = ""
+    detail: str = ""
+    job_id: str = ""
+
+
+def judging_marker(argv: list, inputs: list) -> dict:
+    return {"argv": argv, "inputs": [file_stamp(p) for p in inputs]}
+
+
+def file_stamp(path) -> str:
+    p = Path(path)
+    return f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" if p.is_file() else f"{p.name}:missing"
+
+
+def summary_of(out: Path) -> Path:
+    return out.with_name(out.name[:-len(".jsonl")] + ".summary.json")
+
+
+def judging_plan(sweep: Sweep, jobs: list[Job], sweep_file: str, gen_targets: list[GenTarget]) -> list[JudgeTarget]:
+    """A calibration target (when judge.calibrate names sets) and one comparison per DPO run against the SFT answers,
+    checked by judge.py's own parser."""
+    import judge
+
+    j, out = sweep.judge, sweep_dir(sweep)
+    folder = out / "judgments"
+    common = ["--judge-model", j.judge_model, "--engine", j.engine, "--mode", j.mode, "--order", j.order,
+              "--template", j.template, "--seed", str(j.seed), *map(str, j.args)]
+    calibrate = [f"heldout:{heldout_config(jobs, out, sweep_file)}" if c == "heldout" else c for c in j.calibrate]
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            judge.parse_args(["--candidate", "c", "--baseline", "b", "--out", "o", "--limit", str(j.limit), *common])
+            if calibrate:
+                judge.parse_args(["--out", "o", "--calibrate", *calibrate, "--calibration-limit",
+                                  str(j.calibration_limit), *common])
+    except SystemExit:
+        said = (errors.getvalue().strip().splitlines() or ["judge.args asks judge.py to exit (--help?)"])[-1]
+        raise ConfigError(f"{sweep_file}: judge: {said}") from None
+    targets, calibration = [], None
+    if calibrate:
+        cal_out = folder / "calibration.jsonl"
+        calibration = JudgeTarget("judge/calibration", "calibration", cal_out,
+                                  ["--calibrate", *calibrate, "--calibration-limit", str(j.calibration_limit),
+                                   "--out", str(cal_out), *common], [], [])
+        targets.append(calibration)
+    by_name = {t.name: t for t in gen_targets}
+    sft = by_name["sft"]
+    for t in gen_targets:
+        if t.name == "sft":
+            continue
+        verdicts = folder / f"{t.name}.jsonl"
+        argv = ["--candidate", str(t.out), "--baseline", str(sft.out), "--out", str(verdicts), "--limit", str(j.limit),
+                *common]
+        inputs, deps = [t.out, sft.out], [t, sft]
+        if calibration:
+            argv += ["--calibration", str(summary_of(calibration.out))]
+            inputs, deps = inputs + [summary_of(calibration.out)], deps + [calibration]
+        targets.append(JudgeTarget(f"judge/{t.name}", t.name, verdicts, argv, [str(p) for p in inputs], deps))
+    return targets
+
+
+def classify_judging(targets: list[JudgeTarget], record: dict, states: dict[str, str]) -> None:
+    """completed (verdicts for these inputs and settings) | active | submit (inputs ready) | waiting (inputs being
+    made by queued jobs) | blocked (inputs missing and nothing queued to make them)."""
+    for t in targets:  # calibration comes first, so comparisons see its state
+        t.job_id = record["jobs"].get(t.key, {}).get("job_id", "")
+        state = states.get(t.key, "")
+        pending = [d for d in t.deps if d.state != "completed"]
+        if t.out.is_file() and _read_json(t.out.with_suffix(".done.json")) == judging_marker(t.argv, t.inputs) \
+                and not pending:
+            t.state, t.detail = "completed", f"{len(read_jsonl(t.out))} verdicts, same answers and settings"
+        elif state in ACTIVE_STATES:
+            t.state, t.detail = "active", f"job {t.job_id} is {state}"
+        elif not pending:
+            t.state, t.detail = "submit", "inputs ready" + (f"; job {t.job_id} ended {state}" if t.job_id else "")
+        elif all(d.state in ("active", "waiting") or (d.state == "submit" and isinstance(d, JudgeTarget))
+                 for d in pending):  # queued generation jobs, or the calibration submitted with this launch
+            t.state = "waiting"
+            t.detail = "after " + ", ".join(f"{d.key} ({d.state})" for d in pending)
+        else:
+            t.state, t.detail = "blocked", "needs " + ", ".join(f"{d.key} ({d.state}: {d.detail})" for d in pending)
+
+
+def judging_state(sweep: Sweep, jobs: list[Job], out: Path, sweep_file: str):
+    record, states, gen_targets = generation_state(sweep, jobs, out, sweep_file)
+    targets = judging_plan(sweep, jobs, sweep_file, gen_targets)
+    classify_judging(targets, record, states)
+    return record, states, targets
+
+
+def judging_spec(t: JudgeTarget) -> dict:
+    return {"key": t.key, "script": "judge.py", "argv": t.argv, "out": str(t.out), "inputs": t.inputs,
+            "marker": str(t.out.with_suffix(".done.json"))}
+
+
+def submit_judging(args, sweep: Sweep, jobs: list[Job], out: Path, say) -> int:
+    """Calibration once, then every DPO run against SFT. On Slurm: calibration as one job, comparisons as an array
+    waiting (afterany) on it and on generation jobs still queued or running; locally, one after another."""
+    record, states, targets = judging_state(sweep, jobs, out, args.config)
+    say(f"sweep {sweep.name}: judge {sweep.judge.judge_model} on {len(targets)} target(s) in {out / 'judgments'}/")
+    for t in targets:
+        verb = {"completed": "skip", "active": "wait", "submit": "SUBMIT", "blocked": "skip",
+                "waiting": "SUBMIT" if args.executor == "slurm" else "wait"}[t.state]
+        say(f"  {verb:6} {t.name:24} {t.detail}")
+    todo = [t for t in targets if t.state in ("submit", "waiting")]
+    if args.executor != "slurm":
+        todo = [t for t in todo if t.state == "submit" or all(d in todo or d.state == "completed" for d in t.deps)]
+    if args.dry_run or not todo:
+        say("dry run: nothing submitted" if args.dry_run else "nothing to submit: every run is judged, queued or "
+            "waiting for its answers")
+        return 0 if args.dry_run or not any(t.state == "blocked" for t in targets) else 1
+    if any(c.startswith("heldout") for c in sweep.judge.calibrate):
+        heldout_config(jobs, out, args.config, write=True)
+    code = snapshot_code(out)
+    say(f"code snapshot: {code}")
+    submission = {"time": _now(), "config": args.config, "code": str(code), "executor": args.executor,
+                  "stage": "judge", "jobs": {}}
+    record["submissions"].append(submission)
+
+    def remember(key: str, job_id: str, kind: str) -> None:
+        record["jobs"][key] = {"job_id": job_id, "executor": kind, "submitted": _now()}
+        submission["jobs"][key] = job_id
+        write_record(out, record)
+
+    stage_slurm = {**sweep.judge.slurm, "nodes": 1}
+    task = GenerateJob(str(code), os.getcwd(), dict(sweep.launch.env))
+    if args.executor == "slurm":
+        first = [t for t in todo if t.key == "judge/calibration"]
+        for group in (first, [t for t in todo if t.key != "judge/calibration"]):
+            if not group:
+                continue
+            deps = sorted({d.job_id for t in group for d in t.deps if d.state != "completed" and d.job_id})
+            executor, _ = make_executor("slurm", out, code, sweep, stage_slurm, deps, dependency_type="afterany")
+            try:
+                array = executor.map_array(task, [judging_spec(t) for t in group])
+            except submitit.core.utils.FailedJobError as e:
+                raise UserInputError(f"sbatch refused the job: {str(e).strip()}") from None
+            for t, handle in zip(group, array):
+                remember(t.key, handle.job_id, "slurm")
+                t.job_id, t.state = handle.job_id, "active"
+            say(f"submitted judging of {len(group)} target(s) as array job {array[0].job_id.split('_')[0]}"
+                + (f" (after jobs {', '.join(deps)} end)" if deps else ""))
+        say(f"watch it: python slurm/sweep.py --config {args.config} --judge --status")
+        return 0
+    executor, _ = make_executor(args.executor, out, code, sweep, stage_slurm)
+    ok = True
+    for t in todo:
+        if any(d.state != "completed" for d in t.deps):
+            say(f"judging {t.name} skipped: " + ", ".join(f"{d.key} did not finish" for d in t.deps
+                                                          if d.state != "completed"))
+            ok = False
+            continue
+        handle = executor.submit(task, judging_spec(t))
+        remember(t.key, str(handle.job_id), args.executor)
+        say(f"started judging {t.name} ({args.executor} job {handle.job_id})")
+        try:
+            handle.result()
+            t.state = "completed"
+            say(f"{t.name}: {judged_line(t.out)}")
+        except Exception as e:
+            say(f"judging {t.name} FAILED: {failure_line(e)}"
+                + (f"; log: {handle.paths.stderr}" if args.executor == "local" else ""))
+            t.state, ok = "failed", False
+    return 0 if ok else 1
+
+
+def judged_line(out: Path) -> str:
+    """The summary's headline: win rate and CI, or the calibration agreement."""
+    s = _read_json(summary_of(out))
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    if "win_rate" in s:
+        ci = s.get("win_rate_ci") or [None, None]
+        return (f"win rate {pct(s['win_rate'])} [{pct(ci[0])}, {pct(ci[1])}] over {s['n']} pairs "
+                f"({s['errors']} errors)")
+    cal = s.get("calibration") or {}
+    ci = cal.get("agreement_ci") or [None, None]
+    return f"agreement with human labels {pct(cal.get('agreement'))} [{pct(ci[0])}, {pct(ci[1])}] on {cal.get('pairs', 0)} pairs"
+
+
+def judging_status(sweep: Sweep, jobs: list[Job], out: Path, sweep_file: str) -> None:
+    _, states, targets = judging_state(sweep, jobs, out, sweep_file)
+    rows = []
+    for t in targets:
+        s = _read_json(summary_of(t.out))
+        cal = s.get("calibration") or {}
+        ci = s.get("win_rate_ci") or cal.get("agreement_ci") or [None, None]
+        rows.append({"target": t.name, "job": t.job_id or "-", "state": states.get(t.key, "-"),
+                     "done": "yes" if t.state == "completed" else "no",
+                     "win_rate": _fmt(s.get("win_rate")), "ci_low": _fmt(ci[0]), "ci_high": _fmt(ci[1]),
+                     "errors": s.get("errors", "-"), "agreement": _fmt(cal.get("agreement")), "file": t.out})
+    print_table(rows, {k: k for k in rows[0]})
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -1182,8 +1420,13 @@ def main(argv=None) -> int:
     parser.add_argument("--generate", action="store_true",
                         help="the generation stage: answers from the SFT model and every DPO run (with --dry-run, "
                              "--status: its plan, its table)")
+    parser.add_argument("--judge", action="store_true",
+                        help="the judging stage: calibration, then every DPO run's answers against SFT's (with "
+                             "--dry-run, --status: its plan, its table)")
     parser.add_argument("overrides", nargs="*", help="sweep overrides: slurm.partition=gpu grid.loss.beta=[0.1,0.3]")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
+    if args.generate and args.judge:
+        parser.error("--generate and --judge are separate stages: run one, then the other")
 
     def say(message: str) -> None:
         print(f"[sweep {datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
@@ -1192,8 +1435,8 @@ def main(argv=None) -> int:
         sweep = load_sweep(args.config, args.overrides)
         jobs = build_plan(sweep, args.config)
         out = sweep_dir(sweep)
-        if args.generate and args.status:
-            generation_status(sweep, jobs, out, args.config)
+        if (args.generate or args.judge) and args.status:
+            (judging_status if args.judge else generation_status)(sweep, jobs, out, args.config)
             return 0
         if args.status or args.cancel:
             record = read_record(out)
@@ -1208,7 +1451,8 @@ def main(argv=None) -> int:
                                  "the local cluster: bash slurm/local_cluster.sh up && eval \"$(bash "
                                  "slurm/local_cluster.sh env)\"")
         with sweep_lock(out, shared=args.dry_run):  # plan and submit under one lock: no run submitted twice
-            return (submit_generation if args.generate else submit)(args, sweep, jobs, out, say)
+            stage = submit_judging if args.judge else submit_generation if args.generate else submit
+            return stage(args, sweep, jobs, out, say)
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

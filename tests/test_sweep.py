@@ -99,6 +99,9 @@ def test_every_sweep_config_loads_and_expands(path, tmp_path):
     targets = sweep.generation_plan(loaded, jobs, str(path))  # generate.py's own parser checks the arguments
     assert [t.name for t in targets] == ["sft", *(j.key for j in runs)]
     assert all(t.out == sweep.sweep_dir(loaded) / "generations" / f"{t.name}.jsonl" for t in targets)
+    judging = sweep.judging_plan(loaded, jobs, str(path), targets)  # and judge.py's parser the judge's
+    assert [t.name for t in judging] == ["calibration", *(j.key for j in runs)]
+    assert all("--calibration" in t.argv for t in judging[1:])
     assert not (sweep.sweep_dir(loaded) / "configs" / "heldout.yaml").exists(), "planning writes nothing"
 
 
@@ -154,6 +157,9 @@ def test_bad_sweep_files_name_the_file_and_key(tmp_path, text, message):
     ("generate: {engine: fast}\n", "generate: .*argument --engine: invalid choice: 'fast'"),
     ("generate: {n: 4}\n", "generate: .*--n > 1 with --temperature 0"),
     ("generate: {slurm: {gpus: 1}}\n", "generate.slurm.gpus: unknown sweep key"),
+    ("judge: {mode: vote}\n", "judge: .*argument --mode: invalid choice: 'vote'"),
+    ("judge: {args: [--concurrency, 0]}\n", "judge: .*--concurrency must be >= 1"),
+    ("judge: {judges: 2}\n", "judge.judges: unknown sweep key"),
     ("grid: {data.max_pairs: [32, 64]}\n", "generate.prompts: heldout: sft and max_pairs32 hold out different pairs"),
 ])
 def test_bad_generation_settings_name_the_key(tmp_path, text, message):
@@ -161,7 +167,8 @@ def test_bad_generation_settings_name_the_key(tmp_path, text, message):
     path = write_sweep(tmp_path, base + text)
     with pytest.raises(ConfigError, match=message):
         loaded = sweep.load_sweep(path)
-        sweep.generation_plan(loaded, sweep.build_plan(loaded, str(path)), str(path))
+        jobs = sweep.build_plan(loaded, str(path))
+        sweep.judging_plan(loaded, jobs, str(path), sweep.generation_plan(loaded, jobs, str(path)))
 
 
 def test_bad_training_key_in_the_grid_names_the_run(tmp_path):
@@ -236,14 +243,16 @@ def finished_sweep(cluster, tmp_path_factory):
     assert result.returncode == 0, result.stdout + result.stderr
     generation = launcher("--config", SWEEP, f"root={root}", "--generate")  # waits on the training jobs
     assert generation.returncode == 0, generation.stdout + generation.stderr
+    judging = launcher("--config", SWEEP, f"root={root}", "--judge")  # waits on the generation jobs
+    assert judging.returncode == 0, judging.stdout + judging.stderr
     states = wait_for_jobs(root, "sweep_tiny")
-    return root, result.stdout + generation.stdout, states
+    return root, result.stdout + generation.stdout + judging.stdout, states
 
 
 def test_slurm_sweep_runs_sft_reference_and_one_array(finished_sweep):
     root, output, states = finished_sweep
     out = root / "sweep_tiny"
-    assert {k: v for k, v in states.items() if not k.startswith("generate/")} == {
+    assert {k: v for k, v in states.items() if not k.startswith(("generate/", "judge/"))} == {
         "sft": "COMPLETED", "reference-0": "COMPLETED", "beta0.1_seed0": "COMPLETED", "beta0.5_seed0": "COMPLETED"}
     jobs = record(root, "sweep_tiny")["jobs"]
     array_ids = [jobs[r]["job_id"] for r in ("beta0.1_seed0", "beta0.5_seed0")]
@@ -307,6 +316,33 @@ def test_generation_waits_for_training_then_answers_for_every_model(finished_swe
     assert header.split() == ["model", "job", "state", "answers", "done", "file"]
     assert {line.split()[0]: line.split()[2:5] for line in lines} == {
         m: ["COMPLETED", str(len(prompt_ids)), "yes"] for m in models}
+
+
+def test_judging_waits_for_generation_then_judges_every_run_with_the_calibration(finished_sweep):
+    root, output, states = finished_sweep
+    out = root / "sweep_tiny"
+    jobs = record(root, "sweep_tiny")["jobs"]
+    assert {k: v for k, v in states.items() if k.startswith("judge/")} == {
+        "judge/calibration": "COMPLETED", "judge/beta0.1_seed0": "COMPLETED", "judge/beta0.5_seed0": "COMPLETED"}
+    calibration_job = jobs["judge/calibration"]["job_id"]
+    assert f"(after jobs {calibration_job}, " in output or f", {calibration_job}" in output, output
+    cal = json.loads((out / "judgments" / "calibration.summary.json").read_text())["calibration"]
+    assert cal["pairs"] == 6 and cal["judgments"] == 12 and cal["errors"] == 0
+    assert set(cal["sets"]) == {"llmbar:Natural", f"heldout:{out}/configs/heldout.yaml"}
+    for run in ("beta0.1_seed0", "beta0.5_seed0"):
+        s = json.loads((out / "judgments" / f"{run}.summary.json").read_text())
+        assert s["n"] == 8 and s["candidate"]["model_name"] == run and s["baseline"]["model_name"] == "sft"
+        assert s["wins"] + s["losses"] + s["ties"] + s["errors"] == 8 and s["win_rate_ci"] is not None
+        assert s["calibration"]["agreement"] == cal["agreement"], "the win rate carries the judge's agreement"
+        rows = read_jsonl(out / "judgments" / f"{run}.jsonl")
+        assert len(rows) == 8 and {r["judge_model"] for r in rows} == {"models/smollm2-135m-instruct"}
+    again = launcher("--config", SWEEP, f"root={root}", "--judge")
+    assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout + again.stderr
+    table = launcher("--config", SWEEP, f"root={root}", "--judge", "--status")
+    header, *lines = table.stdout.splitlines()
+    assert header.split()[:5] == ["target", "job", "state", "done", "win_rate"]
+    assert {line.split()[0]: line.split()[2:4] for line in lines} == {
+        t: ["COMPLETED", "yes"] for t in ("calibration", "beta0.1_seed0", "beta0.5_seed0")}
 
 
 def test_status_table_shows_every_run(finished_sweep):
@@ -448,6 +484,14 @@ def test_local_and_debug_executors_run_the_same_sweep_file(tmp_path, executor):
     assert broken.returncode == 1
     assert "generation for sft FAILED: " in broken.stdout and "generate.py for" in broken.stdout
     assert "error: --prompts nope.jsonl: no such file" in broken.stdout
+    judging = launcher("--config", SWEEP, "--executor", executor, f"root={tmp_path}", "--judge")
+    assert judging.returncode == 0, judging.stdout[-3000:] + judging.stderr[-3000:]
+    assert "calibration: agreement with human labels" in judging.stdout
+    for run in ("beta0.1_seed0", "beta0.5_seed0"):
+        assert f"{run}: win rate" in judging.stdout
+        assert json.loads((out / "judgments" / f"{run}.summary.json").read_text())["n"] == 8
+    again = launcher("--config", SWEEP, "--executor", executor, f"root={tmp_path}", "--judge")
+    assert again.returncode == 0 and "nothing to submit" in again.stdout
 
 
 def test_array_states_parse_from_sacct_and_squeue(monkeypatch):
