@@ -447,12 +447,12 @@ def with_answer(prompt: Prompt, answer: str) -> Prompt:
 class OutputLock:
     """One writer per output file: a second generate.py on the same file would duplicate rows."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, error=None, script: str = "generate.py"):
         self.fh = open(out.with_name(out.name + ".lock"), "w")
         try:
             fcntl.flock(self.fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise GenerationError(f"{out}: another generate.py is writing this file") from None
+            raise (error or GenerationError)(f"{out}: another {script} is writing this file") from None
 
 
 def run(args, log=print) -> dict:

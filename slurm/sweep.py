@@ -1031,6 +1031,8 @@ class GenerateJob(submitit.helpers.Checkpointable):
         if spec.get("made_by_sweep") and not Path(spec["model"]).expanduser().is_dir():
             raise RuntimeError(f"{spec['model']} does not exist: its training did not finish")
         cmd = [sys.executable, str(Path(self.code_dir) / script), *spec["argv"]]
+        # the answers as judge.py reads them: answers rewritten while it runs are not recorded as judged
+        marker = judging_marker(spec["argv"], spec["inputs"]) if script == "judge.py" else None
         print("+ " + shlex.join(cmd), flush=True)
         errors: list[str] = []
         try:
@@ -1048,7 +1050,7 @@ class GenerateJob(submitit.helpers.Checkpointable):
             raise RuntimeError(f"{script} for {spec.get('model') or spec['key']} ended with exit code "
                                f"{self._proc.returncode}: {said}")
         if script == "judge.py":
-            Path(spec["marker"]).write_text(json.dumps(judging_marker(spec["argv"], spec["inputs"])))
+            Path(spec["marker"]).write_text(json.dumps(marker))
             return {"mode": "judge", "out": spec["out"], "verdicts": len(read_jsonl(spec["out"]))}
         Path(spec["marker"]).write_text(json.dumps(generation_marker(spec["argv"], spec["model"])))
         return {"mode": "generate", "out": spec["out"], "answers": len(read_jsonl(spec["out"]))}
@@ -1234,15 +1236,17 @@ def classify_judging(targets: list[JudgeTarget], record: dict, states: dict[str,
         t.job_id = record["jobs"].get(t.key, {}).get("job_id", "")
         state = states.get(t.key, "")
         pending = [d for d in t.deps if d.state != "completed"]
-        if t.out.is_file() and _read_json(t.out.with_suffix(".done.json")) == judging_marker(t.argv, t.inputs) \
-                and not pending:
-            t.state, t.detail = "completed", f"{len(read_jsonl(t.out))} verdicts, same answers and settings"
+        if t.out.is_file() and summary_of(t.out).is_file() and not pending \
+                and _read_json(t.out.with_suffix(".done.json")) == judging_marker(t.argv, t.inputs):
+            t.state, t.detail = "completed", f"{_read_json(summary_of(t.out)).get('n', 'all')} pairs judged, same " \
+                                             f"answers and settings"
         elif state in ACTIVE_STATES:
             t.state, t.detail = "active", f"job {t.job_id} is {state}"
         elif not pending:
             t.state, t.detail = "submit", "inputs ready" + (f"; job {t.job_id} ended {state}" if t.job_id else "")
-        elif all(d.state in ("active", "waiting") or (d.state == "submit" and isinstance(d, JudgeTarget))
-                 for d in pending):  # queued generation jobs, or the calibration submitted with this launch
+        elif all((d.state == "active" and record["jobs"].get(d.key, {}).get("executor") == "slurm")
+                 or (d.state == "submit" and isinstance(d, JudgeTarget)) for d in pending):
+            # generation jobs queued on Slurm (a dependency can name them), or the calibration submitted with this launch
             t.state = "waiting"
             t.detail = "after " + ", ".join(f"{d.key} ({d.state})" for d in pending)
         else:

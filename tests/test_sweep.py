@@ -345,6 +345,21 @@ def test_judging_waits_for_generation_then_judges_every_run_with_the_calibration
         t: ["COMPLETED", "yes"] for t in ("calibration", "beta0.1_seed0", "beta0.5_seed0")}
 
 
+def test_judging_waits_only_on_jobs_that_will_make_its_answers(tmp_path):
+    """A comparison is queued behind generation jobs queued on Slurm; answers nobody is making block it."""
+    def gen(name, state, executor="slurm"):
+        return sweep.GenTarget(f"generate/{name}", name, "m", tmp_path / f"{name}.jsonl", [], None, state, "", "7")
+
+    record = {"jobs": {"generate/sft": {"executor": "slurm"}, "generate/r1": {"executor": "slurm"},
+                       "generate/r2": {"executor": "local"}}}
+    cases = {"active on slurm": (gen("r1", "active"), "waiting"), "not submitted": (gen("r1", "waiting"), "blocked"),
+             "running locally": (gen("r2", "active"), "blocked"), "answered": (gen("r1", "completed"), "submit")}
+    for name, (dep, expected) in cases.items():
+        target = sweep.JudgeTarget("judge/r", "r", tmp_path / "v.jsonl", [], [], [dep, gen("sft", "completed")])
+        sweep.classify_judging([target], record, {})
+        assert target.state == expected, (name, target.state, target.detail)
+
+
 def test_status_table_shows_every_run(finished_sweep):
     root, _, _ = finished_sweep
     result = launcher("--config", SWEEP, f"root={root}", "--status")
