@@ -889,9 +889,13 @@ def outcomes(pairs: list[Pair], done: dict, args, judge_id: str, version: str) -
 
 
 def position_stats(judged: list[tuple[Pair, list[dict]]]) -> dict:
-    rows = [r for _, rs in judged for r in rs if r and r["verdict"] != "error"]
+    """Over what the judge was asked: identical answers (tied without a call) say nothing about position bias."""
+    def asked(r):
+        return r and r["verdict"] != "error" and not r.get("identical_answers")
+
+    rows = [r for _, rs in judged for r in rs if asked(r)]
     first = _mean([{"A": 1.0, "tie": 0.5, "B": 0.0}[r["verdict"]] for r in rows])
-    both = [rs for _, rs in judged if len(rs) == 2 and all(r and r["verdict"] != "error" for r in rs)]
+    both = [rs for _, rs in judged if len(rs) == 2 and all(asked(r) for r in rs)]
     consistency = _mean([1.0 if rs[0]["winner"] == rs[1]["winner"] else 0.0 for rs in both]) if both else None
     return {"first_position_rate": first, "consistency": consistency, "consistency_pairs": len(both)}
 
