@@ -134,25 +134,33 @@ def run_config_of(model: str) -> Path | None:
     return None
 
 
-def heldout_prompts(source: str, model: str) -> list[Prompt]:
-    """The prompt part of the pairs training held out: same data config, same data.split_seed, same split."""
+def heldout_pairs(source: str, model: str, flag: str = "--prompts", error=None) -> tuple:
+    """(training config, the pairs it held out): same data config, same data.split_seed, same split. `source` names
+    the config or run folder; empty, the run that wrote `model`. judge.py calibrates on these pairs too."""
     from preference_data import load_pairs, split_pairs
 
+    error = error or GenerationError
     if source:
         path = Path(source)
         path = path / "config.yaml" if path.is_dir() else path
         if not path.is_file():
-            raise GenerationError(f"--prompts heldout:{source}: no training config there (a config YAML or a run folder)")
+            raise error(f"{flag} heldout:{source}: no training config there (a config YAML or a run folder)")
     else:
         path = run_config_of(model)
         if path is None:
-            raise GenerationError(f"--prompts heldout: {model} is not the output of a training run (no config.yaml and "
-                                  f"run.json beside it); name the data with --prompts heldout:<config YAML or run folder>")
+            raise error(f"{flag} heldout: {model} is not the output of a training run (no config.yaml and run.json "
+                        f"beside it); name the data with {flag} heldout:<config YAML or run folder>")
     cfg = load_config(path)
     pairs, _ = load_pairs(cfg.data)
     _, held_out = split_pairs(pairs, cfg.data.eval_fraction, cfg.data.split_seed)
     if not held_out:
-        raise GenerationError(f"{path}: data.eval_fraction={cfg.data.eval_fraction} holds out no pairs")
+        raise error(f"{path}: data.eval_fraction={cfg.data.eval_fraction} holds out no pairs")
+    return cfg, held_out
+
+
+def heldout_prompts(source: str, model: str) -> list[Prompt]:
+    """The prompt part of the pairs training held out."""
+    cfg, held_out = heldout_pairs(source, model)
     return [Prompt(f"heldout/{p.id}", p.prompt, list(p.prompt), {"dataset": Path(cfg.data.path).name, "turn": 1})
             for p in held_out]
 
@@ -184,10 +192,15 @@ def load_prompt_set(spec: str, model: str, turns: str = "first", limit: int = 0,
             prompts.append(prompt)
         if not prompts:
             raise GenerationError(f"{path}: no prompts")
-    if limit and limit < len(prompts):
-        keep = set(random.Random(subset_seed).sample(range(len(prompts)), limit))
-        prompts = [p for i, p in enumerate(prompts) if i in keep]
-    return prompts
+    return subset(prompts, limit, subset_seed)
+
+
+def subset(items: list, limit: int, seed: int) -> list:
+    """A seeded subset kept in source order: the same prompts (or judged pairs) for every model with the same seed."""
+    if not limit or limit >= len(items):
+        return items
+    keep = set(random.Random(seed).sample(range(len(items)), limit))
+    return [x for i, x in enumerate(items) if i in keep]
 
 
 def load_prompts(specs: list[str], model: str, turns: str = "first", limit: int = 0, subset_seed: int = 0) -> list[Prompt]:
@@ -358,6 +371,16 @@ class VLLMEngine:
                 for o in outputs]
 
 
+def left_pad(prompts: list[list[int]], pad: int, device):
+    """(input ids, attention mask) of a batch padded on the left, so every prompt ends where generation starts."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
 class HFEngine:
     """transformers `generate`, batched with left padding (callers sort prompts by length to waste little)."""
 
@@ -387,9 +410,8 @@ class HFEngine:
 
     def generate(self, batch: list[Request]) -> list[Answer]:
         torch, a, pad = self.torch, self.args, self.tokenizer.pad_token_id
-        width = max(len(r.prompt_ids) for r in batch)
-        input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch], device=self.device)
+        input_ids, mask = left_pad([r.prompt_ids for r in batch], pad, self.device)
+        width = input_ids.shape[1]
         sampling = dict(do_sample=True, temperature=a.temperature, top_p=a.top_p, top_k=0) if a.temperature > 0 else \
             dict(do_sample=False)
         if a.temperature > 0:

@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import os
-import random
 import re
 import sys
 import time
@@ -37,9 +36,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from config import UserInputError, load_config
-from generate import (OutputLock, context_length, digest, model_config, run_config_of, shared_data, start_vllm,
-                      stop_token_ids, vllm_available)
+from config import UserInputError
+from generate import (OutputLock, context_length, digest, heldout_pairs, left_pad, model_config, shared_data,
+                      start_vllm, stop_token_ids, subset, vllm_available)
 from jsonl import append_jsonl, read_jsonl, repair_tail
 
 LETTERS = ("A", "B", "C")
@@ -277,26 +276,10 @@ def llmbar_pairs(subset: str) -> list[Pair]:
     return pairs
 
 
-def heldout_pairs(source: str, candidate_model: str | None) -> list[Pair]:
+def heldout_calibration(source: str, candidate_model: str | None) -> list[Pair]:
     """The HH pairs training held out (the human-chosen answer is the label), from a training config or run folder,
     else from the run that made the candidate's model."""
-    from preference_data import load_pairs, split_pairs
-
-    if source:
-        path = Path(source)
-        path = path / "config.yaml" if path.is_dir() else path
-    else:
-        path = run_config_of(candidate_model) if candidate_model else None
-        if path is None:
-            raise JudgeError("--calibrate heldout: no training run to take the held-out pairs from (the candidate's "
-                             "model has no config.yaml beside it); name one: heldout:<config YAML or run folder>")
-    if not path.is_file():
-        raise JudgeError(f"--calibrate heldout:{source}: no training config there (a config YAML or a run folder)")
-    cfg = load_config(path)
-    pairs, _ = load_pairs(cfg.data)
-    _, held_out = split_pairs(pairs, cfg.data.eval_fraction, cfg.data.split_seed)
-    if not held_out:
-        raise JudgeError(f"{path}: data.eval_fraction={cfg.data.eval_fraction} holds out no pairs")
+    _, held_out = heldout_pairs(source, candidate_model or "", "--calibrate", JudgeError)
     return [Pair(f"heldout/{p.id}", render_turns(list(p.prompt)), p.chosen, p.rejected, "calibration", "heldout",
                  "candidate") for p in held_out]
 
@@ -312,7 +295,7 @@ def calibration_pairs(sets: list[str], candidate_model: str | None, limit: int, 
                 log("--calibrate: skipping heldout (no --candidate model to take the held-out pairs from; name one "
                     "with heldout:<config>)")
                 continue
-            found = heldout_pairs(arg, candidate_model)
+            found = heldout_calibration(arg, candidate_model)
         else:
             raise JudgeError(f"--calibrate {spec}: unknown set (llmbar:Natural, llmbar:Adversarial, "
                              f"llmbar:Adversarial/Neighbor..., heldout, heldout:<config or run folder>)")
@@ -323,14 +306,6 @@ def calibration_pairs(sets: list[str], candidate_model: str | None, limit: int, 
         seen.update(p.id for p in found)
         pairs += found
     return pairs
-
-
-def subset(items: list, limit: int, seed: int) -> list:
-    """A seeded subset kept in source order: the same pairs for every model judged with the same seed."""
-    if not limit or limit >= len(items):
-        return items
-    keep = set(random.Random(seed).sample(range(len(items)), limit))
-    return [x for i, x in enumerate(items) if i in keep]
 
 
 # ---------------------------------------------------------------- positions
@@ -464,14 +439,8 @@ class HFJudge:
         self.model = load_model(weights, dtype).to(self.device).eval()
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
 
-    def _batch(self, prompts):
-        torch, width = self.torch, max(len(p) for p in prompts)
-        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        return ids, mask, width
-
     def choice(self, prompts: list[list[int]], letter_ids: list[int]) -> list:
-        ids, mask, _ = self._batch(prompts)
+        ids, mask = left_pad(prompts, self.pad, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift absolute positions (GPT-2)
         with self.torch.no_grad():
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
@@ -481,7 +450,8 @@ class HFJudge:
     def complete(self, prompts, max_tokens: int, temperature: float, seed: int) -> list:
         from transformers import GenerationConfig
 
-        ids, mask, width = self._batch(prompts)
+        ids, mask = left_pad(prompts, self.pad, self.device)
+        width = ids.shape[1]
         sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else \
             dict(do_sample=False)
         if temperature > 0:
