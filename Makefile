@@ -1,7 +1,8 @@
 # The two commands (see README):
 #   make demo   set up .venv and the default model, then run the embedded default sweep (SFT + 3 DPO runs, local)
 #               answer the held-out and MT-Bench prompts with all four models (vLLM), then judge each DPO run
-#               against SFT (SmolLM2 as a stand-in judge) with the judge's calibration on LLMBar and held-out HH
+#               against SFT (SmolLM2 as a stand-in judge) with the judge's calibration on LLMBar and held-out HH,
+#               then write the report (figures, tables) to report/default/
 #   make test   set up .venv with test dependencies, then run the whole test suite (what .ci/run calls)
 PY := .venv/bin/python
 
@@ -17,6 +18,7 @@ demo: setup
 	$(PY) slurm/sweep.py --config configs/sweep_default.yaml --generate --status
 	$(PY) slurm/sweep.py --config configs/sweep_default.yaml --executor local --judge
 	$(PY) slurm/sweep.py --config configs/sweep_default.yaml --judge --status
+	$(PY) analyze_sweep.py --sweep logs/default
 
 # The local Slurm cluster comes up before the tests and goes down after them, pass or fail.
 test:

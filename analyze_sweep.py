@@ -1,11 +1,939 @@
-"""Figures and tables from a finished or running sweep folder.
+"""Figures and tables from a sweep folder: finished, still running, or partly failed.
 
-    python analyze_sweep.py --sweep logs/<sweep> [--out report/<sweep>]
+    python analyze_sweep.py --sweep logs/<sweep> [--out report/<sweep>] [--bootstrap 1000] [--seed 0]
 
-Not implemented yet: issue #7 builds it. Running it says so and exits 2, so no stage can appear to have worked.
+Reads only what the sweep left on disk: the planned configs in <sweep>/configs/, each run's config.yaml, run.json
+and metrics.jsonl, and the judge's verdict files and summaries in <sweep>/judgments/. Never imports torch or vLLM.
+Writes <out>/README.md (the report), summary.csv, summary.md and figures/*.png + *.pdf, and says which runs are
+missing or incomplete (it plots the rest).
+
+Statistics: win rates with judge.py's percentile bootstrap over pairs; a length-controlled win rate in the manner of
+AlpacaEval 2 (Dubois et al. 2024); a Bradley-Terry ranking of SFT and every DPO run with bootstrap intervals, as
+Arena-Hard-Auto computes it (Li et al. 2024). Every fit is statsmodels' GLM.
 """
+from __future__ import annotations
+
+import argparse
+import json
+import math
 import sys
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from config import UserInputError
+from jsonl import read_jsonl
+from judge import SCORE, bootstrap_ci, combine, summary_path
+
+NOT_RUNS = {"configs", "code", "generations", "judgments", "submitit", "ref_cache"}
+# (metrics.jsonl key, axis label with unit); rewards are beta * log(pi/pi_ref) summed over the response, in nats
+CURVES = [("loss", "loss (nats)"), ("rewards/margins", "reward margin (nats)"),
+          ("rewards/accuracies", "reward accuracy"), ("rewards/chosen", "chosen reward (nats)"),
+          ("rewards/rejected", "rejected reward (nats)"), ("kl", "KL estimate (nats/token)")]
+FINITE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "kl",
+               "grad_norm", "logps/chosen", "logps/rejected")
+ELO_SCALE, ELO_BASE, ELO_ANCHOR = 400.0, 10.0, 1000.0  # Arena-Hard-Auto's scale: the anchor (SFT) is 1000
+RIDGE = 1e-4  # only when a player wins or loses every battle: keeps that score finite instead of infinite
+COLUMN_WIDTH_IN, TEXT_WIDTH_IN = 3.4, 7.0
+
+
+class AnalysisError(UserInputError):
+    pass
+
+
+# ---------------------------------------------------------------- reading the sweep
+
+
+@dataclass
+class Run:
+    name: str
+    folder: Path
+    config: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    metrics: pd.DataFrame = field(default_factory=pd.DataFrame)
+    status: str = "missing"
+    problems: list[str] = field(default_factory=list)     # files that could not be read, with why
+    non_finite: list[str] = field(default_factory=list)   # "step 7 (train): loss" for every non-finite value
+    flags: dict[str, str] = field(default_factory=dict)   # flag -> what was seen
+
+    @property
+    def kind(self) -> str:
+        return "sft" if self.config.get("loss", {}).get("name") == "sft" or self.name == "sft" else "dpo"
+
+    @property
+    def beta(self) -> float | None:
+        return self.config.get("loss", {}).get("beta") if self.kind == "dpo" else None
+
+    @property
+    def seed(self) -> int | None:
+        return self.config.get("train", {}).get("seed")
+
+    @property
+    def loss_type(self) -> str:
+        return "sft" if self.kind == "sft" else str(self.config.get("loss", {}).get("type", "?"))
+
+    @property
+    def max_steps(self) -> int | None:
+        return self.info.get("max_steps") or self.config.get("train", {}).get("max_steps")
+
+    def rows(self, split: str) -> pd.DataFrame:
+        if self.metrics.empty:
+            return self.metrics
+        return self.metrics[self.metrics["split"] == split].sort_values("step")
+
+    @property
+    def last_step(self) -> int:
+        train = self.rows("train")
+        return int(train["step"].max()) if not train.empty else 0
+
+    def final_eval(self) -> dict:
+        """The last eval row: at the final step for a finished run, the latest so far for a running one."""
+        ev = self.rows("eval")
+        return {} if ev.empty else ev.iloc[-1].dropna().to_dict()
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise AnalysisError(f"{path}: not readable YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise AnalysisError(f"{path}: expected a mapping of config sections, found {type(data).__name__}")
+    return data
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise AnalysisError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise AnalysisError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_metrics(path: Path, run: Run) -> pd.DataFrame:
+    """metrics.jsonl as a frame, one row per (split, step): a resumed run re-logs the steps after its checkpoint,
+    and the later row wins. Non-finite values (written as null by jsonl.append_jsonl) are noted on the run."""
+    rows = []
+    for i, row in enumerate(read_jsonl(path), 1):
+        if not isinstance(row, dict) or row.get("split") not in ("train", "eval") or not isinstance(row.get("step"), int):
+            raise AnalysisError(f"{path}: line {i} is not a metrics row (needs an integer 'step' and 'split' "
+                                f"train/eval): {json.dumps(row)[:120]}")
+        for key in FINITE_KEYS:
+            if key in row and not (isinstance(row[key], (int, float)) and math.isfinite(row[key])):
+                run.non_finite.append(f"step {row['step']} ({row['split']}): {key}={row[key]}")
+        rows.append(row)
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows)
+    for key in frame.columns.drop("split"):
+        frame[key] = pd.to_numeric(frame[key], errors="coerce")
+    return frame.drop_duplicates(["split", "step"], keep="last").sort_values(["split", "step"]).reset_index(drop=True)
+
+
+def load_runs(sweep: Path) -> list[Run]:
+    """Every run the sweep planned (<sweep>/configs/<run>.yaml) or started (a folder with config.yaml, run.json or
+    metrics.jsonl). A file that cannot be read is named on its run, which is reported, not dropped."""
+    planned = {p.stem for p in (sweep / "configs").glob("*.yaml")
+               if p.stem != "heldout" and not p.stem.startswith("reference-")}
+    started = {d.name for d in sweep.iterdir() if d.is_dir() and d.name not in NOT_RUNS
+               and any((d / f).is_file() for f in ("config.yaml", "run.json", "metrics.jsonl"))}
+    runs = []
+    for name in planned | started:
+        run = Run(name, sweep / name)
+        for path in (run.folder / "config.yaml", sweep / "configs" / f"{name}.yaml"):
+            if path.is_file():
+                try:
+                    run.config = read_yaml(path)
+                    break
+                except AnalysisError as e:
+                    run.problems.append(str(e))
+        if (run.folder / "run.json").is_file():
+            try:
+                run.info = read_json(run.folder / "run.json")
+                run.status = str(run.info.get("status", "unknown"))
+            except AnalysisError as e:
+                run.problems.append(str(e))
+                run.status = "unreadable"
+        elif name in started:
+            run.status = "not started"
+        try:
+            run.metrics = read_metrics(run.folder / "metrics.jsonl", run)
+        except (AnalysisError, ValueError) as e:
+            run.problems.append(str(e))
+            run.status = "unreadable" if run.status in ("missing", "not started") else run.status
+        if run.status == "not started" and not run.metrics.empty:
+            run.status = "running"
+        runs.append(run)
+    return sorted(runs, key=lambda r: (r.kind != "sft", r.loss_type, r.beta or 0.0, r.seed or 0, r.name))
+
+
+# ---------------------------------------------------------------- stability flags
+
+
+def stability_flags(run: Run, collapse_margin: float, alpha: float = 0.05) -> dict[str, str]:
+    """What went wrong in training, seen from the metrics alone:
+    non-finite      a NaN/inf in the metrics, or training stopped on one (train_dpo.py exits 3);
+    margin-collapse the reward margin ends below -collapse_margin (both rewards sinking, rejected faster: the policy
+                    now prefers the rejected answers, as GPT-2 did at beta >= 0.1 in the seed runs);
+    accuracy-0.5    no eval of the run tells its reward accuracy from a coin flip (binomial test, alpha 0.05);
+    eval-loss-rising the eval loss rose from its minimum while the train loss kept falling (overfitting)."""
+    flags = {}
+    error = str(run.info.get("error", ""))
+    if run.non_finite or (run.status == "failed" and ("nan" in error.lower() or "inf" in error.lower())):
+        flags["non-finite"] = "; ".join(run.non_finite[:3]) or error
+    if run.kind != "dpo" or run.metrics.empty:
+        return flags
+    train, ev = run.rows("train"), run.rows("eval")
+    window = max(1, len(train) // 10)
+    margins = [("train", train["rewards/margins"].dropna().tail(window).mean())] if "rewards/margins" in train else []
+    if "rewards/margins" in ev and ev["rewards/margins"].notna().any():
+        margins.append(("eval", ev["rewards/margins"].dropna().iloc[-1]))
+    low = [(split, m) for split, m in margins if m < -collapse_margin]
+    if low:
+        flags["margin-collapse"] = ", ".join(f"{split} margin {m:.3g}" for split, m in low) + \
+            f" < -{collapse_margin:g} at step {run.last_step}"
+    n_eval = eval_pairs(run)
+    accuracies = ev["rewards/accuracies"].dropna() if "rewards/accuracies" in ev else pd.Series(dtype=float)
+    if n_eval and not accuracies.empty:
+        from scipy.stats import binomtest
+
+        p_values = [binomtest(round(a * n_eval), n_eval, 0.5).pvalue for a in accuracies]
+        if min(p_values) >= alpha:
+            flags["accuracy-0.5"] = (f"eval accuracy {accuracies.iloc[-1]:.3f} on {n_eval} pairs "
+                                     f"(binomial p={p_values[-1]:.2f}; no eval separated from chance)")
+    ev_loss = ev["loss"].dropna() if "loss" in ev else pd.Series(dtype=float)
+    if len(ev_loss) >= 2 and "loss" in train:
+        at_min = int(ev_loss.values.argmin())
+        rise = ev_loss.iloc[-1] - ev_loss.iloc[at_min]
+        step_min = int(ev.loc[ev_loss.index[at_min], "step"])
+        before = train[train["step"] <= step_min]["loss"].dropna().tail(window).mean()
+        after = train["loss"].dropna().tail(window).mean()
+        if rise > max(0.005, 0.01 * abs(ev_loss.iloc[at_min])) and after < before:
+            flags["eval-loss-rising"] = (f"eval loss +{rise:.3g} since step {step_min} while train loss fell "
+                                         f"{before - after:.3g}")
+    return flags
+
+
+def eval_pairs(run: Run) -> int:
+    n = run.info.get("eval_pairs") or 0
+    cap = run.config.get("train", {}).get("max_eval_pairs") or 0
+    return min(n, cap) if cap else n
+
+
+# ---------------------------------------------------------------- verdicts
+
+
+@dataclass
+class Comparison:
+    """One DPO run's answers judged against the baseline's: one row per pair with its outcome."""
+    run: str
+    baseline: str
+    pairs: pd.DataFrame         # pair_id, prompt_set, winner, score, candidate_chars, baseline_chars
+    judgments: pd.DataFrame     # one row per judgment asked: candidate_position, verdict, winner
+    summary: dict | None
+    state: str                  # complete | partial (judging still running, or no summary)
+
+
+def load_comparison(path: Path) -> Comparison:
+    """The comparison judge.py summarised (the verdict rows its summary's judged_pairs names, newest row per key);
+    without a summary yet, every compare row of the newest judge/template/answers in the file (partial)."""
+    by_key = {}
+    try:
+        for row in read_jsonl(path):
+            by_key[row["key"]] = row
+    except (ValueError, KeyError, TypeError) as e:
+        raise AnalysisError(f"{path}: not a judge.py verdict file ({e})") from None
+    summary_file = summary_path(path)
+    summary = read_json(summary_file) if summary_file.is_file() else None
+    if summary and isinstance(summary.get("judged_pairs"), dict):
+        groups = {pid: [by_key.get(k) for k in keys] for pid, keys in summary["judged_pairs"].items()}
+        state = "complete"
+    else:
+        rows = [r for r in by_key.values() if r.get("task") == "compare"]
+        ident = ("judge_fingerprint", "template_version", "mode", "candidate_sampling_hash", "baseline_sampling_hash")
+        newest = max(rows, key=lambda r: r.get("timestamp", ""), default={})
+        groups = {}
+        for r in rows:
+            if all(r.get(k) == newest.get(k) for k in ident):
+                groups.setdefault(r["pair_id"], []).append(r)
+        state = "complete" if summary else "partial"
+    pairs, judgments = [], []
+    for pid, rows in groups.items():
+        found = [r for r in rows if r]
+        winner = combine([r["winner"] if r else "error" for r in rows])
+        first = found[0] if found else {}
+        pairs.append({"pair_id": pid, "prompt_set": pid.split("/")[0], "winner": winner, "score": SCORE.get(winner),
+                      "candidate_chars": first.get("candidate_chars"), "baseline_chars": first.get("baseline_chars")})
+        judgments += [{"pair_id": pid, "candidate_position": r.get("candidate_position"), "verdict": r.get("verdict"),
+                       "winner": r.get("winner"), "asked": not r.get("identical_answers")} for r in found]
+    first_row = next(iter(by_key.values()), {})
+    return Comparison(path.stem, (summary or {}).get("baseline", {}).get("model_name") or first_row.get("baseline_model", "sft"),
+                      pd.DataFrame(pairs, columns=["pair_id", "prompt_set", "winner", "score", "candidate_chars",
+                                                   "baseline_chars"]),
+                      pd.DataFrame(judgments, columns=["pair_id", "candidate_position", "verdict", "winner", "asked"]),
+                      summary, state)
+
+
+def load_comparisons(sweep: Path) -> dict[str, Comparison]:
+    folder = sweep / "judgments"
+    if not folder.is_dir():
+        return {}
+    return {p.stem: load_comparison(p) for p in sorted(folder.glob("*.jsonl")) if p.stem != "calibration"}
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def _logit_fit(X: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Coefficients of a logistic GLM of y in [0, 1] (ties are 1/2) on X; under perfect separation (a side that
+    always wins) the maximum is at infinity, and a tiny ridge penalty keeps the estimate finite."""
+    import statsmodels.api as sm
+    from statsmodels.tools.sm_exceptions import PerfectSeparationWarning
+
+    model = sm.GLM(y, X, family=sm.families.Binomial(), freq_weights=weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PerfectSeparationWarning)
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
+        try:
+            params = np.asarray(model.fit().params)
+            if np.all(np.isfinite(params)) and np.all(np.abs(params) < 20):
+                return params
+        except (PerfectSeparationWarning, np.linalg.LinAlgError, ValueError):
+            pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return np.asarray(model.fit_regularized(alpha=RIDGE, L1_wt=0.0).params)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def lc_win_rate(scores, candidate_len, baseline_len, seed: int = 0, n_boot: int = 1000, level: float = 0.95) -> dict:
+    """Length-controlled win rate, AlpacaEval 2's length_controlled_v1 GLM without the instruction-difficulty term
+    (that term needs many models on one instruction set):
+        logit P(candidate wins) = theta + phi * tanh(delta_len / sd(delta_len)),  delta_len = len(cand) - len(base)
+    and LC = sigmoid(theta), the win rate predicted at equal lengths. Ties count 1/2. CI: percentile bootstrap over
+    pairs (the GLM refit on each resample). scores, lengths: (n,) arrays."""
+    y = np.asarray(scores, dtype=float)
+    delta = np.asarray(candidate_len, dtype=float) - np.asarray(baseline_len, dtype=float)
+    if y.size < 3 or not np.std(delta) > 0:
+        return {"lc_win_rate": float(y.mean()) if y.size else None, "lc_ci": bootstrap_ci(y, seed), "theta": None,
+                "phi": None, "note": "no length difference to control for: LC = the raw win rate"}
+    x = np.tanh(delta / np.std(delta, ddof=1))
+
+    def fit(idx):
+        return _logit_fit(np.column_stack([np.ones(idx.size), x[idx]]), y[idx])
+
+    theta, phi = fit(np.arange(y.size))
+    rng = np.random.default_rng(seed)
+    boot = np.array([_sigmoid(fit(rng.integers(0, y.size, y.size))[0]) for _ in range(n_boot)])
+    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    return {"lc_win_rate": float(_sigmoid(theta)), "lc_ci": [round(float(lo), 4), round(float(hi), 4)],
+            "theta": float(theta), "phi": float(phi), "note": ""}
+
+
+def bradley_terry(battles: pd.DataFrame, anchor: str, seed: int = 0, n_boot: int = 1000, level: float = 0.95) -> pd.DataFrame:
+    """Bradley-Terry scores from battles (columns model_a, model_b, score: 1 a won, 0 b won, 1/2 tie), as
+    Arena-Hard-Auto fits them: a logistic regression of the outcome on +1 (a) / -1 (b) player indicators with no
+    intercept, P(a beats b) = sigmoid(s_a - s_b), on the Elo scale 1000 + 400 log10(odds against the anchor).
+    Intervals: percentile bootstrap over battles. Returns one row per player: model, score, ci_low, ci_high, battles."""
+    players = sorted(set(battles["model_a"]) | set(battles["model_b"]))
+    others = [p for p in players if p != anchor]
+    index = {p: i for i, p in enumerate(others)}
+    X = np.zeros((len(battles), len(others)))
+    for row, (a, b) in enumerate(zip(battles["model_a"], battles["model_b"])):
+        if a in index:
+            X[row, index[a]] += 1.0
+        if b in index:
+            X[row, index[b]] -= 1.0
+    y = battles["score"].to_numpy(dtype=float)
+    to_elo = ELO_SCALE / math.log(ELO_BASE)
+
+    def fit(idx):
+        return ELO_ANCHOR + to_elo * _logit_fit(X[idx], y[idx]) if others else np.zeros(0)
+
+    point = fit(np.arange(len(y)))
+    rng = np.random.default_rng(seed)
+    boot = np.array([fit(rng.integers(0, len(y), len(y))) for _ in range(n_boot)]).reshape(n_boot, len(others))
+    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2], axis=0) if others else ([], [])
+    counts = pd.concat([battles["model_a"], battles["model_b"]]).value_counts()
+    table = [{"model": anchor, "score": ELO_ANCHOR, "ci_low": ELO_ANCHOR, "ci_high": ELO_ANCHOR,
+              "battles": int(counts.get(anchor, 0))}]
+    table += [{"model": p, "score": float(point[i]), "ci_low": float(lo[i]), "ci_high": float(hi[i]),
+               "battles": int(counts.get(p, 0))} for p, i in index.items()]
+    return pd.DataFrame(table).sort_values("score", ascending=False).reset_index(drop=True)
+
+
+def first_position_rate(judgments: pd.DataFrame) -> float | None:
+    asked = judgments[judgments["asked"] & judgments["verdict"].isin(["A", "B", "tie"])]
+    return float(asked["verdict"].map({"A": 1.0, "tie": 0.5, "B": 0.0}).mean()) if len(asked) else None
+
+
+def consistency(judgments: pd.DataFrame) -> float | None:
+    """Share of pairs judged in both orders (and asked both times) whose two verdicts name the same winner."""
+    asked = judgments[judgments["asked"] & (judgments["winner"] != "error")]
+    both = asked.groupby("pair_id").filter(lambda g: g["candidate_position"].nunique() == 2)
+    if both.empty:
+        return None
+    return float(both.groupby("pair_id")["winner"].agg(lambda w: w.nunique() == 1).mean())
+
+
+# ---------------------------------------------------------------- the table
+
+
+def summarise(runs: list[Run], comparisons: dict[str, Comparison], seed: int, n_boot: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One row per run (the summary table) and the Bradley-Terry ranking over every judged comparison."""
+    battles = pd.concat([pd.DataFrame({"model_a": c.run, "model_b": c.baseline, "score": c.pairs["score"]})
+                         for c in comparisons.values() if not c.pairs.empty] or [pd.DataFrame()], ignore_index=True)
+    battles = battles.dropna() if not battles.empty else battles
+    anchor = next(iter(comparisons.values())).baseline if comparisons else "sft"
+    ranking = bradley_terry(battles, anchor, seed, n_boot) if not battles.empty else pd.DataFrame()
+    bt = ranking.set_index("model") if not ranking.empty else pd.DataFrame()
+    rows = []
+    for run in runs:
+        final = run.final_eval()
+        row = {"run": run.name, "loss": run.loss_type, "beta": run.beta, "seed": run.seed, "status": run.status,
+               "flags": ", ".join(run.flags) or "", "steps": run.last_step, "max_steps": run.max_steps,
+               "eval_loss": final.get("loss"), "eval_accuracy": final.get("rewards/accuracies"),
+               "eval_margin": final.get("rewards/margins"), "eval_kl": final.get("kl"), "eval_step": final.get("step")}
+        c = comparisons.get(run.name)
+        if c is not None and not c.pairs.empty:
+            scored = c.pairs.dropna(subset=["score"])
+            ci = bootstrap_ci(scored["score"], seed) or [None, None]
+            lc = lc_win_rate(scored["score"], scored["candidate_chars"], scored["baseline_chars"], seed, n_boot)
+            row.update(judged=len(c.pairs), judge_errors=int((c.pairs["winner"] == "error").sum()),
+                       judging=c.state, win_rate=float(scored["score"].mean()) if len(scored) else None,
+                       win_rate_ci_low=ci[0], win_rate_ci_high=ci[1], lc_win_rate=lc["lc_win_rate"],
+                       lc_ci_low=(lc["lc_ci"] or [None])[0], lc_ci_high=(lc["lc_ci"] or [None, None])[1],
+                       length_coef=lc["phi"], first_position_rate=first_position_rate(c.judgments),
+                       consistency=consistency(c.judgments),
+                       mean_chars_candidate=float(c.pairs["candidate_chars"].mean()),
+                       mean_chars_baseline=float(c.pairs["baseline_chars"].mean()))
+        name = run.name if run.name in bt.index else None
+        if name:
+            row.update(bt_score=bt.loc[name, "score"], bt_ci_low=bt.loc[name, "ci_low"], bt_ci_high=bt.loc[name, "ci_high"])
+        rows.append(row)
+    columns = ["run", "loss", "beta", "seed", "status", "flags", "steps", "max_steps", "eval_step", "eval_loss",
+               "eval_accuracy", "eval_margin", "eval_kl", "judged", "judge_errors", "judging", "win_rate",
+               "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate", "lc_ci_low", "lc_ci_high", "length_coef",
+               "bt_score", "bt_ci_low", "bt_ci_high", "first_position_rate", "consistency", "mean_chars_candidate",
+               "mean_chars_baseline"]
+    return pd.DataFrame(rows).reindex(columns=columns), ranking
+
+
+BEST = [("eval_accuracy", "highest eval reward accuracy", max), ("eval_margin", "largest eval reward margin", max),
+        ("eval_kl", "smallest KL from the reference", min), ("win_rate", "highest win rate vs SFT", max),
+        ("lc_win_rate", "highest length-controlled win rate", max), ("bt_score", "highest Bradley-Terry score", max)]
+
+
+def best_runs(table: pd.DataFrame) -> pd.DataFrame:
+    """The best DPO run per criterion, among runs whose metrics are finite (other flags are shown beside it)."""
+    dpo = table[(table["loss"] != "sft") & ~table["flags"].fillna("").str.contains("non-finite")]
+    rows = []
+    for column, criterion, pick in BEST:
+        values = dpo.dropna(subset=[column])
+        if values.empty:
+            continue
+        value = pick(values[column])
+        top = values[values[column] == value]  # every run level with the best one: a tie is not a winner
+        rows.append({"criterion": criterion, "column": column, "run": ", ".join(top["run"]), "value": value,
+                     "flags": "; ".join(sorted({f for f in top["flags"].fillna("") if f}))})
+    return pd.DataFrame(rows, columns=["criterion", "column", "run", "value", "flags"])
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    def ci(row, point, lo, hi, pct=True):
+        if pd.isna(row.get(point)):
+            return "–"
+        f = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.0f}")
+        return f"{f(row[point])} [{f(row[lo])}, {f(row[hi])}]" if pd.notna(row.get(lo)) else f(row[point])
+
+    head = ["run", "loss", "β", "seed", "status", "flags", "steps", "eval loss", "eval acc", "eval margin", "eval KL",
+            "win rate % [95% CI]", "LC win rate % [95% CI]", "BT score [95% CI]", "judged"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in table.iterrows():
+        steps = f"{r['steps']}/{int(r['max_steps'])}" if pd.notna(r["max_steps"]) else str(r["steps"])
+        cells = [r["run"], r["loss"], fmt(r["beta"], 3) if pd.notna(r["beta"]) else "–",
+                 str(int(r["seed"])) if pd.notna(r["seed"]) else "–", r["status"], r["flags"] or "–", steps,
+                 fmt(r["eval_loss"], 4), fmt(r["eval_accuracy"], 3), fmt(r["eval_margin"], 4), fmt(r["eval_kl"], 3),
+                 ci(r, "win_rate", "win_rate_ci_low", "win_rate_ci_high"),
+                 ci(r, "lc_win_rate", "lc_ci_low", "lc_ci_high"),
+                 ci(r, "bt_score", "bt_ci_low", "bt_ci_high", pct=False),
+                 (f"{int(r['judged'])}" + (f" ({int(r['judge_errors'])} errors)" if r["judge_errors"] else "")
+                  + (" partial" if r["judging"] == "partial" else "")) if pd.notna(r["judged"]) else "–"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def best_markdown(best: pd.DataFrame) -> str:
+    if best.empty:
+        return "No DPO run has finite results yet."
+    lines = ["| criterion | run | value | flags |", "|---|---|---|---|"]
+    lines += [f"| {r.criterion} | {r.run} | {f'{r.value:.0f}' if r.column == 'bt_score' else fmt(r.value, 4)} | "
+              f"{r.flags or '–'} |" for r in best.itertuples()]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7,
+                         "xtick.labelsize": 7, "ytick.labelsize": 7, "lines.linewidth": 1.2, "figure.dpi": 100,
+                         "savefig.bbox": "tight", "axes.spines.top": False, "axes.spines.right": False})
+    return plt
+
+
+def beta_colours(runs: list[Run]) -> dict[float, tuple]:
+    """One colour per beta, the same in every figure: viridis in beta order (small beta dark, large beta light)."""
+    import matplotlib
+
+    betas = sorted({r.beta for r in runs if r.beta is not None})
+    cmap = matplotlib.colormaps["viridis"]
+    return {b: cmap(0.8 * i / max(1, len(betas) - 1)) for i, b in enumerate(betas)}
+
+
+LINESTYLES = ["-", "--", ":", "-."]
+
+
+def save(fig, out: Path, name: str) -> list[Path]:
+    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    fig.savefig(paths[0], dpi=150)
+    fig.savefig(paths[1])
+    _plt().close(fig)
+    return paths
+
+
+def curves_figure(runs: list[Run], split: str, colours: dict, out: Path) -> list[Path]:
+    """Per-step curves, one line per (loss type, beta): mean over seeds, band = min..max over seeds. Train rows are
+    smoothed with a centred rolling mean (window in the title); eval rows are drawn as measured."""
+    plt = _plt()
+    dpo = [r for r in runs if r.kind == "dpo" and not r.rows(split).empty]
+    if not dpo:
+        return []
+    loss_types = sorted({r.loss_type for r in dpo})
+    longest = max(len(r.rows(split)) for r in dpo)
+    window = max(1, longest // 25) if split == "train" else 1
+    fig, axes = plt.subplots(2, 3, figsize=(TEXT_WIDTH_IN, 4.2), sharex=True)
+    for ax, (key, label) in zip(axes.flat, CURVES):
+        for (loss, beta) in sorted({(r.loss_type, r.beta) for r in dpo}):
+            group = [r for r in dpo if (r.loss_type, r.beta) == (loss, beta) and key in r.rows(split)]
+            if not group:
+                continue
+            series = pd.concat([r.rows(split).set_index("step")[key].rolling(window, center=True, min_periods=1).mean()
+                                .rename(r.name) for r in group], axis=1)
+            flagged = any(r.flags for r in group)
+            name = (f"{loss} " if len(loss_types) > 1 else "") + f"β={beta:g}" + (" (flagged)" if flagged else "")
+            style = LINESTYLES[loss_types.index(loss) % len(LINESTYLES)]
+            ax.plot(series.index, series.mean(axis=1), style, color=colours[beta], label=name,
+                    marker="o" if split == "eval" else None, markersize=3)
+            if series.shape[1] > 1:
+                ax.fill_between(series.index, series.min(axis=1), series.max(axis=1), color=colours[beta], alpha=0.2,
+                                linewidth=0)
+            for r in group:
+                if r.flags:  # where a flagged run stands at its last logged step
+                    last = r.rows(split)[["step", key]].dropna().tail(1)
+                    ax.plot(last["step"], last[key], "X", color=colours[beta], markersize=6, markeredgecolor="black",
+                            markeredgewidth=0.5)
+        if key == "rewards/accuracies":
+            ax.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
+        ax.set_ylabel(label)
+    for ax in axes[-1]:
+        ax.set_xlabel("optimizer step")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    seeds = max(len([r for r in dpo if (r.loss_type, r.beta) == g]) for g in {(r.loss_type, r.beta) for r in dpo})
+    fig.legend(handles, labels, loc="upper center", ncol=min(6, len(labels)), frameon=False, bbox_to_anchor=(0.5, 1.04))
+    fig.suptitle(f"{split} metrics per step" + (f" (rolling mean over {window} steps)" if window > 1 else "")
+                 + (f"; line = mean of up to {seeds} seeds, band = min–max" if seeds > 1 else "")
+                 + "; X = flagged run", y=1.09)
+    fig.tight_layout()
+    return save(fig, out, f"curves_{split}")
+
+
+def beta_axis(ax, betas) -> None:
+    """A log beta axis labelled at the betas of the sweep, not at matplotlib's minor decades."""
+    from matplotlib.ticker import NullFormatter
+
+    betas = sorted(set(betas))
+    ax.set_xscale("log")
+    ax.set_xticks(betas, [f"{b:g}" for b in betas])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    if len(betas) == 1:
+        ax.set_xlim(betas[0] / 2, betas[0] * 2)
+    ax.set_xlabel("β")
+
+
+def _scatter(ax, x, y, colour, flagged, marker="o", yerr=None, label=None, offset=1.0):
+    kwargs = {"color": colour, "markersize": 5, "marker": marker, "linestyle": "none", "label": label,
+              "markerfacecolor": "none" if flagged else colour, "markeredgecolor": colour}
+    if yerr is not None:
+        ax.errorbar([x * offset], [y], yerr=yerr, capsize=2, elinewidth=0.8, **kwargs)
+    else:
+        ax.plot([x * offset], [y], **kwargs)
+
+
+def final_vs_beta_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[Path]:
+    plt = _plt()
+    dpo = table[(table["loss"] != "sft") & table["beta"].notna()]
+    if dpo[["eval_accuracy", "eval_margin", "eval_kl"]].isna().all().all():
+        return []
+    fig, axes = plt.subplots(1, 3, figsize=(TEXT_WIDTH_IN, 2.2))
+    panels = [("eval_accuracy", "final eval reward accuracy"), ("eval_margin", "final eval reward margin (nats)"),
+              ("eval_kl", "final eval KL estimate (nats/token)")]
+    for ax, (column, label) in zip(axes, panels):
+        for loss_i, (loss, group) in enumerate(dpo.groupby("loss")):
+            means = group.groupby("beta")[column].mean()
+            ax.plot(means.index, means.values, LINESTYLES[loss_i % 4], color="grey", linewidth=0.8,
+                    label=f"{loss}" + (" (mean over seeds)" if group["seed"].nunique() > 1 else ""))
+            for _, r in group.iterrows():
+                if pd.notna(r[column]):
+                    _scatter(ax, r["beta"], r[column], colours[r["beta"]], bool(r["flags"]))
+        if column == "eval_accuracy":
+            ax.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
+        beta_axis(ax, dpo["beta"])
+        ax.set_ylabel(label)
+    if dpo["loss"].nunique() > 1 or dpo["seed"].nunique() > 1:
+        axes[0].legend(frameon=False)
+    fig.suptitle("final eval metrics vs β (one point per run; hollow = flagged)", y=1.02)
+    fig.tight_layout()
+    return save(fig, out, "final_vs_beta")
+
+
+def win_rate_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[Path]:
+    plt = _plt()
+    dpo = table[(table["loss"] != "sft") & table["win_rate"].notna()]
+    if dpo.empty:
+        return []
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH_IN, 2.4))
+    for _, r in dpo.iterrows():
+        flagged = bool(r["flags"])
+        err = [[r["win_rate"] - r["win_rate_ci_low"]], [r["win_rate_ci_high"] - r["win_rate"]]]
+        _scatter(ax, r["beta"], r["win_rate"], colours[r["beta"]], flagged, "o", err, offset=0.93)
+        if pd.notna(r["lc_win_rate"]):
+            lc_err = [[r["lc_win_rate"] - r["lc_ci_low"]], [r["lc_ci_high"] - r["lc_win_rate"]]] \
+                if pd.notna(r["lc_ci_low"]) else None
+            _scatter(ax, r["beta"], r["lc_win_rate"], colours[r["beta"]], flagged, "s", lc_err, offset=1.07)
+    ax.plot([], [], "o", color="black", markersize=4, label="win rate")
+    ax.plot([], [], "s", color="black", markersize=4, label="length-controlled")
+    ax.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
+    beta_axis(ax, dpo["beta"])
+    ax.set_ylabel("win rate vs SFT (ties = ½)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(frameon=False, loc="best")
+    ax.set_title("DPO vs SFT, 95% bootstrap CIs (hollow = flagged)")
+    fig.tight_layout()
+    return save(fig, out, "win_rate_vs_beta")
+
+
+def frontier_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[Path]:
+    plt = _plt()
+    dpo = table[(table["loss"] != "sft") & table["win_rate"].notna() & table["eval_kl"].notna()]
+    if dpo.empty:
+        return []
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH_IN, 2.4))
+    for _, r in dpo.iterrows():
+        err = [[r["win_rate"] - r["win_rate_ci_low"]], [r["win_rate_ci_high"] - r["win_rate"]]]
+        _scatter(ax, r["eval_kl"], r["win_rate"], colours[r["beta"]], bool(r["flags"]), "o", err,
+                 label=f"β={r['beta']:g}")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), frameon=False, loc="best")
+    ax.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
+    ax.set_xlabel("final eval KL estimate (nats/token)")
+    ax.set_ylabel("win rate vs SFT")
+    ax.set_title("KL–win-rate frontier (one point per run; hollow = flagged)")
+    fig.tight_layout()
+    return save(fig, out, "kl_win_rate_frontier")
+
+
+def judge_figure(table: pd.DataFrame, calibration: dict | None, out: Path) -> list[Path]:
+    plt = _plt()
+    judged = table[table["win_rate"].notna()]
+    if judged.empty and not calibration:
+        return []
+    fig, axes = plt.subplots(1, 3, figsize=(TEXT_WIDTH_IN, 2.3))
+    names = list(judged["run"])
+    for ax, column, title in ((axes[0], "first_position_rate", "verdicts for position A"),
+                              (axes[1], "consistency", "same winner in both orders")):
+        values = judged[column].astype(float).fillna(0.0).to_numpy()
+        ax.bar(range(len(names)), values, color="#4c72b0")
+        for i, v in enumerate(judged[column]):
+            if pd.isna(v):
+                ax.text(i, 0.02, "n/a", ha="center", fontsize=6)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("fraction of judgments" if column == "first_position_rate" else "fraction of pairs")
+        ax.set_title(title)
+    axes[0].axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
+    ax = axes[2]
+    sets = (calibration or {}).get("sets") or {}
+    if sets:
+        labels = [s.split(":")[0] if s.startswith("heldout") else s for s in sets]
+        values = [v.get("agreement") or 0.0 for v in sets.values()]
+        errs = [[v["agreement"] - v["agreement_ci"][0] for v in sets.values()],
+                [v["agreement_ci"][1] - v["agreement"] for v in sets.values()]] \
+            if all(v.get("agreement_ci") for v in sets.values()) else None
+        ax.bar(range(len(labels)), values, yerr=errs, capsize=2, color="#dd8452")
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    else:
+        ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
+    ax.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("agreement with human labels")
+    ax.set_title("judge calibration (95% CI)")
+    fig.suptitle("judge diagnostics (dotted: chance)", y=1.02)
+    fig.tight_layout()
+    return save(fig, out, "judge_diagnostics")
+
+
+# ---------------------------------------------------------------- the report
+
+
+def setup_account(sweep: Path, runs: list[Run], comparisons: dict[str, Comparison], calibration: dict | None) -> list[str]:
+    """What a reader needs to reproduce the sweep, from the files it wrote."""
+    lines = []
+    sft = next((r for r in runs if r.kind == "sft" and r.config), None)
+    dpo = [r for r in runs if r.kind == "dpo" and r.config]
+    record = read_json(sweep / "sweep.json") if (sweep / "sweep.json").is_file() else {}
+    configs = sorted({s.get("config") for s in record.get("submissions", []) if s.get("config")})
+    if configs:
+        lines.append(f"- **Sweep file**: {', '.join(f'`{c}`' for c in configs)} — `python slurm/sweep.py --config "
+                     f"{configs[-1]}` (then `--generate`, `--judge`), then `python analyze_sweep.py --sweep {sweep}`.")
+    if sft:
+        c, i = sft.config, sft.info
+        lines.append(f"- **Base model**: `{c['model']['path']}` ({c['model'].get('dtype')}); SFT on the chosen "
+                     f"responses: {i.get('steps', sft.last_step)} steps, lr {c['train']['lr']:g}, batch "
+                     f"{c['train']['batch_size']}×{c['train']['grad_accum']}.")
+    ref = (dpo or [sft])[0] if (dpo or sft) else None
+    if ref:
+        c, i = ref.config, ref.info
+        d = c["data"]
+        lines.append(f"- **Data**: `{d['path']}` ({d['format']}), {d.get('max_pairs') or 'all'} pairs, "
+                     f"{i.get('train_pairs', '?')} train / {i.get('eval_pairs', '?')} held-out "
+                     f"(eval_fraction {d.get('eval_fraction')}, split seed {d.get('split_seed')}); max_length "
+                     f"{c['tokenize']['max_length']}, max_prompt_length {c['tokenize']['max_prompt_length']}.")
+    if dpo:
+        c = dpo[0].config
+        t = c["train"]
+        betas = sorted({r.beta for r in dpo})
+        seeds = sorted({r.seed for r in dpo})
+        lora = c.get("lora", {})
+        lines.append(f"- **DPO**: loss {', '.join(sorted({r.loss_type for r in dpo}))}; β ∈ {{{', '.join(f'{b:g}' for b in betas)}}}; "
+                     f"seeds {seeds}; {t['max_steps']} steps, batch {t['batch_size']}×{t['grad_accum']} pairs, lr "
+                     f"{t['lr']:g} ({t['scheduler']}, warmup {t['warmup_steps']}), precision {t['mixed_precision']}, "
+                     + (f"LoRA r={lora['r']}" if lora.get("r") else "full fine-tune")
+                     + f"; policy and reference start from `{c['model']['path']}`.")
+    infos = [r.info for r in runs if r.info]
+    if infos:
+        i = infos[0]
+        versions = ", ".join(f"{k} {v}" for k, v in (i.get("versions") or {}).items())
+        hosts = sorted({x.get("host", "?") for x in infos})
+        lines.append(f"- **Where**: {', '.join(hosts)}; world size {i.get('world_size', 1)}; commit "
+                     f"`{str(i.get('git_commit', '?'))[:12]}`; {versions}.")
+    summaries = [c.summary for c in comparisons.values() if c.summary]
+    if summaries:
+        s = summaries[0]
+        sampling = s.get("candidate", {}).get("sampling", {})
+        sets = pd.concat([c.pairs["prompt_set"] for c in comparisons.values()]).value_counts() / len(comparisons)
+        lines.append(f"- **Generation**: {', '.join(f'{k} ({v:.0f} prompts)' for k, v in sets.items())}; "
+                     f"temperature {sampling.get('temperature')}, max_new_tokens {sampling.get('max_new_tokens')}.")
+        lines.append(f"- **Judge**: `{s.get('judge_model')}`, template `{s.get('template_version')}`, mode "
+                     f"{s.get('mode')}, order {s.get('order')} (seed {s.get('seed')}); each DPO run against "
+                     f"`{s.get('baseline', {}).get('model_name')}` on {s.get('n')} pairs.")
+    if calibration:
+        ci = calibration.get("agreement_ci") or [None, None]
+        lines.append(f"- **Judge calibration**: agreement with human labels {fmt(calibration.get('agreement'))} "
+                     f"[{fmt(ci[0])}, {fmt(ci[1])}] over {calibration.get('pairs')} pairs "
+                     f"({', '.join(s.split(':')[0] if s.startswith('heldout') else s for s in calibration.get('sets', {}))}); first-position rate "
+                     f"{fmt(calibration.get('first_position_rate'))}.")
+    return lines
+
+
+def judge_warnings(table: pd.DataFrame, calibration: dict | None) -> list[str]:
+    """Said from the numbers, whatever the judge's name."""
+    out = []
+    ci = (calibration or {}).get("agreement_ci")
+    if ci and ci[0] <= 0.5:
+        out.append(f"**The judge is not better than chance at agreeing with human labels** (95% CI {ci[0]:.3f}–"
+                   f"{ci[1]:.3f} includes 0.5): its win rates say nothing about quality.")
+    elif not calibration:
+        out.append("The judge's agreement with human labels was not measured (`judge: calibrate:` in the sweep).")
+    fpr = table["first_position_rate"].dropna()
+    if len(fpr) and (abs(fpr - 0.5) > 0.2).any():
+        out.append(f"Position bias: the judge picks position A in {100 * fpr.min():.0f}–{100 * fpr.max():.0f}% of "
+                   f"its verdicts; with both orders judged, disagreeing orders count as ties.")
+    return out
+
+
+CAPTIONS = {
+    "curves_train": "Train metrics per optimizer step, one line per β (mean over seeds, band min–max).",
+    "curves_eval": "Held-out eval metrics at each evaluation, one line per β.",
+    "final_vs_beta": "Final held-out reward accuracy, reward margin and KL estimate against β; one point per run.",
+    "win_rate_vs_beta": "Win rate of each DPO run against SFT (circles) and its length-controlled win rate "
+                        "(squares), with 95% bootstrap CIs.",
+    "kl_win_rate_frontier": "KL from the reference against win rate: each run a point; up and to the left is better.",
+    "judge_diagnostics": "Judge diagnostics: share of verdicts for position A, share of pairs whose two orders agree, "
+                         "and agreement with human labels on the calibration sets.",
+}
+
+
+def write_report(out: Path, sweep: Path, runs, comparisons, table, ranking, best, calibration, figures, argv) -> Path:
+    lines = [f"# Sweep `{sweep.name}`", "",
+             f"Generated by `python analyze_sweep.py {' '.join(argv)}` on "
+             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from `{sweep}`. Everything below is computed from the "
+             "files the sweep wrote; re-running the command rewrites this folder.", "", "## Setup", ""]
+    lines += setup_account(sweep, runs, comparisons, calibration) or ["- (no run has written its config yet)"]
+    not_done = [r for r in runs if r.status != "completed"]
+    lines += ["", "## State", ""]
+    lines += [f"- **{r.name}**: {describe_state(r)}" for r in not_done] or ["Every planned run completed."]
+    lines += [f"- judging of **{name}** is {c.state} ({len(c.pairs)} pairs so far)" for name, c in comparisons.items()
+              if c.state != "complete"]
+    lines += [f"- {p}" for r in runs for p in r.problems]
+    warned = judge_warnings(table, calibration)
+    if warned:
+        lines += ["", "## Read this first", ""] + [f"- {w}" for w in warned]
+    lines += ["", "## Results", "", markdown_table(table), "", "Win rates count ties as ½; judge errors are counted "
+              "in *judged* and left out of the rate. CIs: percentile bootstrap over pairs.", "",
+              "### Best run per criterion", "", best_markdown(best)]
+    if not ranking.empty:
+        lines += ["", "### Bradley-Terry ranking", "", "| model | score [95% CI] | battles |", "|---|---|---|"]
+        lines += [f"| {r.model} | {r.score:.0f} [{r.ci_low:.0f}, {r.ci_high:.0f}] | {r.battles} |"
+                  for r in ranking.itertuples()]
+    by_set = pd.concat([c.pairs.assign(run=name) for name, c in comparisons.items() if not c.pairs.empty] or [pd.DataFrame()])
+    if not by_set.empty and by_set["prompt_set"].nunique() > 1:
+        pivot = by_set.dropna(subset=["score"]).pivot_table(index="run", columns="prompt_set", values="score",
+                                                            aggfunc="mean")
+        lines += ["", "### Win rate by prompt set", "", "| run | " + " | ".join(pivot.columns) + " |",
+                  "|---|" + "---|" * len(pivot.columns)]
+        lines += [f"| {run} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |" for run, row in pivot.iterrows()]
+    flagged = [r for r in runs if r.flags]
+    if flagged:
+        lines += ["", "### Stability flags", ""]
+        lines += [f"- **{r.name}** {flag}: {detail}" for r in flagged for flag, detail in r.flags.items()]
+    lines += ["", "## Figures", ""]
+    for path in figures:
+        if path.suffix == ".png":
+            lines += [f"![{path.stem}](figures/{path.name})", "", f"*{CAPTIONS.get(path.stem, '')}* "
+                      f"([PDF](figures/{path.stem}.pdf))", ""]
+    missing = [name for name in CAPTIONS if not any(p.stem == name for p in figures)]
+    if missing:
+        lines += [f"Not drawn yet (no data): {', '.join(missing)}.", ""]
+    lines += ["## Definitions", "",
+              "- *reward* = β·log(π/π_ref) summed over the response (TRL's `rewards/*`); *margin* = chosen − rejected; "
+              "*accuracy* = share of pairs with chosen reward > rejected reward.",
+              "- *KL estimate*: per-token k3 estimator exp(−r) − 1 + r of r = log π − log π_ref on the chosen responses.",
+              "- *LC win rate*: AlpacaEval 2's GLM, logit P(win) = θ + φ·tanh(Δlen/sd(Δlen)) with Δlen the answer "
+              "length difference in characters; reported as σ(θ), the win rate at equal lengths.",
+              "- *BT score*: Bradley-Terry fit over all pairwise outcomes (Arena-Hard-Auto), Elo scale, SFT = 1000; "
+              "intervals from a bootstrap over pairs.",
+              "- *Flags*: " + " ".join(line.strip() for line in stability_flags.__doc__.split("\n")[1:])]
+    path = out / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def describe_state(run: Run) -> str:
+    if run.status == "missing":
+        return "missing — planned, never started (no run folder)"
+    progress = f"step {run.last_step}/{run.max_steps}" if run.max_steps else f"step {run.last_step}"
+    why = f": {run.info['error']}" if run.info.get("error") else ""
+    return f"{run.status} at {progress}{why}"
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", required=True, help="the sweep folder, e.g. logs/default")
+    parser.add_argument("--out", help="report folder (default: report/<sweep folder name>)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for LC and BT intervals")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every bootstrap")
+    parser.add_argument("--collapse-margin", type=float, default=1.0,
+                        help="flag margin-collapse when a run's reward margin ends below minus this (nats)")
+    args = parser.parse_args(argv)
+    if args.bootstrap < 10:
+        parser.error(f"--bootstrap {args.bootstrap}: need at least 10 resamples")
+    return args
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    sweep = Path(args.sweep)
+    out = Path(args.out) if args.out else Path("report") / sweep.name
+    try:
+        if not sweep.is_dir():
+            raise AnalysisError(f"--sweep {sweep}: no such folder (a sweep's folder is <root>/<name>, e.g. logs/default)")
+        runs = load_runs(sweep)
+        if not runs:
+            raise AnalysisError(f"--sweep {sweep}: no runs here (no configs/*.yaml, no folder with run.json or "
+                                f"metrics.jsonl): is this a sweep folder?")
+        for run in runs:
+            run.flags = stability_flags(run, args.collapse_margin)
+        comparisons = load_comparisons(sweep)
+        cal_file = sweep / "judgments" / "calibration.summary.json"
+        calibration = read_json(cal_file).get("calibration") if cal_file.is_file() else None
+        if calibration is None:
+            calibration = next((c.summary.get("calibration") for c in comparisons.values()
+                                if c.summary and c.summary.get("calibration")), None)
+        table, ranking = summarise(runs, comparisons, args.seed, args.bootstrap)
+        best = best_runs(table)
+    except AnalysisError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    say = lambda message: print(f"[analyze] {message}", flush=True)  # noqa: E731
+    dpo = [r for r in runs if r.kind == "dpo"]
+    say(f"{sweep}: {len(runs)} run(s) ({len(dpo)} DPO), {len(comparisons)} judged against SFT")
+    for run in runs:
+        if run.status != "completed":
+            say(f"  {run.name}: {describe_state(run)}")
+        for problem in run.problems:
+            say(f"  {run.name}: unreadable: {problem}")
+        for flag, detail in run.flags.items():
+            say(f"  {run.name}: {flag}: {detail}")
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "summary.csv", index=False)
+    if not ranking.empty:
+        ranking.to_csv(out / "bradley_terry.csv", index=False)
+    (out / "summary.md").write_text(markdown_table(table) + "\n\n## Best run per criterion\n\n" + best_markdown(best) + "\n")
+    colours = beta_colours(runs)
+    figures = []
+    for split in ("train", "eval"):
+        figures += curves_figure(runs, split, colours, out / "figures")
+    figures += final_vs_beta_figure(table, colours, out / "figures")
+    figures += win_rate_figure(table, colours, out / "figures")
+    figures += frontier_figure(table, colours, out / "figures")
+    figures += judge_figure(table, calibration, out / "figures")
+    report = write_report(out, sweep, runs, comparisons, table, ranking, best, calibration, figures, argv)
+    for _, r in table.iterrows():
+        if pd.notna(r["win_rate"]):
+            say(f"  {r['run']}: win rate {100 * r['win_rate']:.1f}% [{100 * r['win_rate_ci_low']:.1f}, "
+                f"{100 * r['win_rate_ci_high']:.1f}], LC {100 * r['lc_win_rate']:.1f}%, BT {fmt(r.get('bt_score'), 4)}")
+    say(f"wrote {out}/summary.csv, summary.md, {len(figures)} figure files and the report {report}")
+    return 0
+
 
 if __name__ == "__main__":
-    print("error: analyze_sweep.py is not implemented yet (issue #7)", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(main())

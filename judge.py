@@ -846,13 +846,18 @@ def _mean(values) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
 
+def pair_keys(pair: Pair, args, judge_id: str, version: str) -> list[str]:
+    """The judgment keys of one pair, one per position it is judged in."""
+    return [judgment_key(judge_id, version, args.mode, pair.question, *arrange(pair, position))
+            for position in placements(pair, args.order, args.seed)]
+
+
 def outcomes(pairs: list[Pair], done: dict, args, judge_id: str, version: str) -> list[tuple[Pair, list[dict]]]:
     found = []
     for pair in pairs:
         rows = []
-        for position in placements(pair, args.order, args.seed):
-            a, b = arrange(pair, position)
-            row = done.get(judgment_key(judge_id, version, args.mode, pair.question, a, b))
+        for position, key in zip(placements(pair, args.order, args.seed), pair_keys(pair, args, judge_id, version)):
+            row = done.get(key)
             rows.append({**row, "winner": unswap(row["verdict"], position)} if row else None)
         found.append((pair, rows))
     return found
@@ -888,6 +893,8 @@ def summarize(pairs, calibration, done, args, judge_id, version, sides, missing)
             "mean_length_tokens": {"candidate": _mean([p.meta.get("candidate_tokens") for p in pairs]),
                                    "baseline": _mean([p.meta.get("baseline_tokens") for p in pairs])},
             "missing": missing,
+            # exactly which verdict rows this summary counted: analyze_sweep.py reads the same comparison back
+            "judged_pairs": {pair.id: pair_keys(pair, args, judge_id, version) for pair in pairs},
         })
     if calibration:
         summary["calibration"] = calibration_summary(outcomes(calibration, done, args, judge_id, version), args.seed)

@@ -17,6 +17,26 @@ HH_TEST = SHARED_DATA / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
 sys.path.insert(0, str(REPO))
 
 
+# a fresh interpreter in which importing torch, vLLM or transformers raises, then analyze_sweep.main(argv)
+_ANALYSIS_WITHOUT_TORCH = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'vllm', 'transformers'):
+            raise ImportError('analyze_sweep.py must not import ' + name)
+sys.meta_path.insert(0, Block())
+import analyze_sweep
+sys.exit(analyze_sweep.main(sys.argv[1:]))
+"""
+
+
+def analyse_without_torch(*args: str):
+    import subprocess
+
+    return subprocess.run([sys.executable, "-c", _ANALYSIS_WITHOUT_TORCH, *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, analyse_without_torch
 
 sys.path.insert(0, str(REPO / "slurm"))
 import generate  # noqa: E402
@@ -343,6 +343,42 @@ def test_judging_waits_for_generation_then_judges_every_run_with_the_calibration
     assert header.split()[:5] == ["target", "job", "state", "done", "win_rate"]
     assert {line.split()[0]: line.split()[2:4] for line in lines} == {
         t: ["COMPLETED", "yes"] for t in ("calibration", "beta0.1_seed0", "beta0.5_seed0")}
+
+
+def test_analysis_of_the_real_tiny_sweep(finished_sweep, tmp_path):
+    """analyze_sweep.py on what the sweep wrote on the local Slurm cluster: every run in the table, the win rates
+    equal judge.py's summaries, every figure drawn, torch never imported."""
+    root, _, _ = finished_sweep
+    out = root / "sweep_tiny"
+    result = analyse_without_torch("--sweep", out, "--out", tmp_path / "report", "--bootstrap", "200")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{out}: 3 run(s) (2 DPO), 2 judged against SFT" in result.stdout
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "report" / "summary.csv").set_index("run")
+    assert list(table.index) == ["sft", "beta0.1_seed0", "beta0.5_seed0"]
+    assert set(table["status"]) == {"completed"} and set(table["steps"]) == {4}
+    for run in ("beta0.1_seed0", "beta0.5_seed0"):
+        summary = json.loads((out / "judgments" / f"{run}.summary.json").read_text())
+        assert table.loc[run, "win_rate"] == pytest.approx(summary["win_rate"], abs=1e-4)
+        assert [table.loc[run, "win_rate_ci_low"], table.loc[run, "win_rate_ci_high"]] == \
+            pytest.approx(summary["win_rate_ci"], abs=1e-4)
+        assert table.loc[run, "judged"] == summary["n"] == len(summary["judged_pairs"]) == 8
+        assert table.loc[run, "judging"] == "complete"  # read through the summary's judged_pairs
+        for column in ("first_position_rate", "consistency"):  # None when every answer pair was identical
+            expected = summary[column]
+            assert pd.isna(table.loc[run, column]) if expected is None else \
+                table.loc[run, column] == pytest.approx(expected, abs=1e-4)
+        final = json.loads((out / run / "run.json").read_text())["final_eval"]
+        assert table.loc[run, "eval_accuracy"] == pytest.approx(final["rewards/accuracies"])
+        assert table.loc[run, "eval_kl"] == pytest.approx(final["kl"])
+        assert pd.notna(table.loc[run, "lc_win_rate"]) and pd.notna(table.loc[run, "bt_score"])
+    for name in ("curves_train", "curves_eval", "final_vs_beta", "win_rate_vs_beta", "kl_win_rate_frontier",
+                 "judge_diagnostics"):
+        assert (tmp_path / "report" / "figures" / f"{name}.png").stat().st_size > 10_000
+        assert (tmp_path / "report" / "figures" / f"{name}.pdf").read_bytes().startswith(b"%PDF")
+    report = (tmp_path / "report" / "README.md").read_text()
+    assert "configs/sweep_tiny.yaml" in report and "β ∈ {0.1, 0.5}" in report
 
 
 def test_judging_waits_only_on_jobs_that_will_make_its_answers(tmp_path):

@@ -1,0 +1,309 @@
+"""analyze_sweep.py on sweep folders written here with known values, and its statistics on simulated data.
+(The real tiny sweep's output is analysed in test_sweep.py, after the sweep ran on the local Slurm cluster.)"""
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+import analyze_sweep
+from conftest import analyse_without_torch
+
+FIGURES = ["curves_train", "curves_eval", "final_vs_beta", "win_rate_vs_beta", "kl_win_rate_frontier",
+           "judge_diagnostics"]
+
+
+def config(name, beta=0.1, seed=0, loss="dpo", steps=8):
+    return {"model": {"path": "models/base" if loss == "sft" else "logs/s/sft/final", "dtype": "float32"},
+            "data": {"path": "data/hh.jsonl", "format": "hh", "max_pairs": 64, "eval_fraction": 0.25, "split_seed": 0},
+            "tokenize": {"max_length": 256, "max_prompt_length": 192},
+            "loss": {"name": loss, "type": "sigmoid", "beta": beta},
+            "train": {"max_steps": steps, "batch_size": 4, "grad_accum": 1, "lr": 1e-6, "seed": seed,
+                      "scheduler": "linear", "warmup_steps": 1, "mixed_precision": "no", "max_eval_pairs": 0},
+            "lora": {"r": 0}, "output_dir": f"logs/s/{name}"}
+
+
+def dpo_rows(steps=8, eval_at=(4, 8), margin=lambda s: 0.05 * s, eval_loss=lambda s: 0.69 - 0.01 * s,
+             accuracy=lambda s: 0.75, kl=lambda s: 0.001 * s):
+    rows = []
+    for s in range(1, steps + 1):
+        rows.append({"step": s, "epoch": s / steps, "split": "train", "loss": 0.69 - 0.01 * s,
+                     "rewards/chosen": margin(s) / 2, "rewards/rejected": -margin(s) / 2, "rewards/margins": margin(s),
+                     "rewards/accuracies": 0.5 + 0.03 * s, "kl": kl(s), "grad_norm": 1.0, "learning_rate": 1e-6})
+        if s in eval_at:
+            rows.append({"step": s, "epoch": s / steps, "split": "eval", "loss": eval_loss(s),
+                         "rewards/chosen": margin(s) / 2, "rewards/rejected": -margin(s) / 2,
+                         "rewards/margins": margin(s), "rewards/accuracies": accuracy(s), "kl": kl(s)})
+    return rows
+
+
+def write_run(sweep, name, cfg, rows, status="completed", **info):
+    folder = sweep / name
+    folder.mkdir(parents=True)
+    (sweep / "configs").mkdir(exist_ok=True)
+    (sweep / "configs" / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (folder / "run.json").write_text(json.dumps({"status": status, "eval_pairs": 48, "train_pairs": 144,
+                                                 "max_steps": cfg["train"]["max_steps"], "host": "test",
+                                                 "world_size": 1, "git_commit": "abc", **info}))
+    with open(folder / "metrics.jsonl", "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+
+
+def write_judgments(sweep, run, outcomes, lengths=None, summary=True):
+    """outcomes: list of 'candidate'/'baseline'/'tie'/'error', one per pair, judged in one (alternating) order."""
+    folder = sweep / "judgments"
+    folder.mkdir(exist_ok=True)
+    judged, rows = {}, []
+    for i, winner in enumerate(outcomes):
+        position = "A" if i % 2 == 0 else "B"
+        verdict = {"candidate": position, "baseline": "B" if position == "A" else "A"}.get(winner, winner)
+        pid = f"{'heldout' if i % 3 else 'mt_bench'}/p{i}#0"
+        cand, base = lengths[i] if lengths else (100, 100)
+        key = f"{run}-{i}"
+        judged[pid] = [key]
+        rows.append({"key": key, "task": "compare", "pair_id": pid, "candidate_position": position, "verdict": verdict,
+                     "winner": winner, "identical_answers": False, "candidate_chars": cand, "baseline_chars": base,
+                     "candidate_model": run, "baseline_model": "sft", "judge_fingerprint": "j", "template_version": "t@1",
+                     "mode": "choice", "candidate_sampling_hash": "c", "baseline_sampling_hash": "b",
+                     "timestamp": f"2026-01-01T00:00:{i % 60:02d}"})
+    with open(folder / f"{run}.jsonl", "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    if summary:
+        (folder / f"{run}.summary.json").write_text(json.dumps({
+            "judge_model": "judge/J", "template_version": "t@1", "mode": "choice", "order": "random", "seed": 0,
+            "candidate": {"model_name": run, "sampling": {"temperature": 0.0, "max_new_tokens": 64}},
+            "baseline": {"model_name": "sft"}, "n": len(outcomes), "judged_pairs": judged}))
+
+
+def write_calibration(sweep, agreement=0.8, ci=(0.7, 0.9)):
+    (sweep / "judgments").mkdir(exist_ok=True)
+    sets = {"llmbar:Natural": {"pairs": 20, "agreement": agreement, "agreement_ci": list(ci)},
+            "heldout:/x/heldout.yaml": {"pairs": 10, "agreement": agreement, "agreement_ci": list(ci)}}
+    (sweep / "judgments" / "calibration.summary.json").write_text(json.dumps({"calibration": {
+        "pairs": 30, "agreement": agreement, "agreement_ci": list(ci), "first_position_rate": 0.55, "sets": sets}}))
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """SFT, beta 0.1 x seeds 0/1 and beta 0.5 x seed 0 (healthy, judged); beta 1.0 planned but never started;
+    beta 2.0 stopped on a NaN loss."""
+    s = tmp_path / "logs" / "synthetic"
+    write_run(s, "sft", config("sft", loss="sft"), [{"step": k, "split": "train", "loss": 2.0 - 0.1 * k} for k in (1, 2)]
+              + [{"step": 2, "split": "eval", "loss": 1.5}])
+    write_run(s, "beta0.1_seed0", config("beta0.1_seed0", 0.1, 0), dpo_rows(eval_loss=lambda k: 0.69 - 0.01 * k))
+    write_run(s, "beta0.1_seed1", config("beta0.1_seed1", 0.1, 1), dpo_rows(eval_loss=lambda k: 0.68 - 0.01 * k))
+    write_run(s, "beta0.5_seed0", config("beta0.5_seed0", 0.5, 0), dpo_rows(margin=lambda k: 0.2 * k))
+    (s / "configs" / "beta1_seed0.yaml").write_text(yaml.safe_dump(config("beta1_seed0", 1.0)))
+    nan_rows = dpo_rows(steps=3, eval_at=())
+    nan_rows.append({"step": 4, "split": "train", "loss": None, "rewards/margins": None})
+    write_run(s, "beta2_seed0", config("beta2_seed0", 2.0), nan_rows, status="failed",
+              error="step 4: the loss is nan (micro-batch 0, pairs [...])")
+    write_judgments(s, "beta0.1_seed0", ["candidate"] * 30 + ["baseline"] * 10 + ["tie"] * 8 + ["error"] * 2)
+    write_judgments(s, "beta0.1_seed1", ["candidate"] * 20 + ["baseline"] * 20 + ["tie"] * 10)
+    write_judgments(s, "beta0.5_seed0", ["candidate"] * 10 + ["baseline"] * 40)
+    write_calibration(s)
+    (s / "sweep.json").write_text(json.dumps({"jobs": {}, "submissions": [{"config": "configs/sweep_x.yaml"}]}))
+    return s
+
+
+def analyse(sweep, out, *extra):
+    code = analyze_sweep.main(["--sweep", str(sweep), "--out", str(out), "--bootstrap", "200", *extra])
+    assert code == 0
+    return pd.read_csv(out / "summary.csv").set_index("run")
+
+
+def test_tables_equal_the_inputs(sweep, tmp_path, capsys):
+    table = analyse(sweep, tmp_path / "report")
+    r = table.loc["beta0.1_seed0"]
+    assert (r["beta"], r["seed"], r["loss"], r["status"], r["steps"], r["eval_step"]) == (0.1, 0, "sigmoid", "completed", 8, 8)
+    assert r["eval_loss"] == pytest.approx(0.69 - 0.08) and r["eval_margin"] == pytest.approx(0.4)
+    assert r["eval_accuracy"] == 0.75 and r["eval_kl"] == pytest.approx(0.008)
+    assert table.loc["beta0.1_seed1", "eval_loss"] == pytest.approx(0.60)
+    # 30 wins, 10 losses, 8 ties of 48 valid pairs (2 errors counted, not scored): (30 + 4) / 48
+    assert r["win_rate"] == pytest.approx(34 / 48) and r["judged"] == 50 and r["judge_errors"] == 2
+    assert r["win_rate_ci_low"] < 34 / 48 < r["win_rate_ci_high"]
+    assert table.loc["beta0.1_seed1", "win_rate"] == 0.5 and table.loc["beta0.5_seed0", "win_rate"] == 0.2
+    # equal lengths everywhere: nothing to control for, LC is the raw rate
+    assert r["lc_win_rate"] == pytest.approx(34 / 48)
+    # a star of comparisons against SFT: the BT score is the win rate's log-odds on the Elo scale
+    assert table.loc["sft", "bt_score"] == 1000
+    assert table.loc["beta0.5_seed0", "bt_score"] == pytest.approx(1000 + 400 * math.log10(0.2 / 0.8), abs=0.5)
+    assert table.loc["beta0.1_seed0", "bt_score"] > table.loc["beta0.1_seed1", "bt_score"] > table.loc["beta0.5_seed0", "bt_score"]
+    md = (tmp_path / "report" / "summary.md").read_text()
+    assert "70.8 [" in md and "| beta0.5_seed0 | sigmoid | 0.500 | 0 | completed |" in md
+    best = md.split("Best run per criterion")[1]
+    assert "| highest win rate vs SFT | beta0.1_seed0 |" in best and "| largest eval reward margin | beta0.5_seed0 |" in best
+    report = (tmp_path / "report" / "README.md").read_text()
+    assert "β ∈ {0.1, 0.5, 1, 2}" in report and "`judge/J`" in report and "144 train / 48 held-out" in report
+    for name in FIGURES:
+        assert f"](figures/{name}.png)" in report
+
+
+def test_every_figure_is_a_valid_png_and_pdf(sweep, tmp_path):
+    analyse(sweep, tmp_path / "report")
+    for name in FIGURES:
+        png, pdf = tmp_path / "report" / "figures" / f"{name}.png", tmp_path / "report" / "figures" / f"{name}.pdf"
+        with Image.open(png) as image:
+            image.verify()
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.size[0] >= 600, (name, image.size)
+        data = pdf.read_bytes()
+        assert data.startswith(b"%PDF") and b"%%EOF" in data[-1024:], name
+
+
+def test_missing_and_nan_runs_are_reported_and_flagged(sweep, tmp_path, capsys):
+    table = analyse(sweep, tmp_path / "report")
+    out = capsys.readouterr().out
+    assert table.loc["beta1_seed0", "status"] == "missing"
+    assert "beta1_seed0: missing" in out
+    assert table.loc["beta2_seed0", "status"] == "failed" and "non-finite" in table.loc["beta2_seed0", "flags"]
+    assert "step 4 (train): loss=None" in out
+    assert pd.isna(table.loc["beta0.1_seed0", "flags"])  # a healthy run: no flag (an empty CSV cell)
+    report = (tmp_path / "report" / "README.md").read_text()
+    assert "**beta1_seed0**: missing" in report and "**beta2_seed0**: failed at step 4/8: step 4: the loss is nan" in report
+    assert "**beta2_seed0** non-finite" in report
+    best = (tmp_path / "report" / "summary.md").read_text().split("Best run per criterion")[1]
+    assert "beta2_seed0" not in best  # a run with non-finite metrics is never the best
+
+
+def flags_of(tmp_path, rows, **kw):
+    s = tmp_path / "logs" / "one"
+    write_run(s, "r", config("r", 0.1), rows, **kw)
+    run = analyze_sweep.load_runs(s)[0]
+    return analyze_sweep.stability_flags(run, collapse_margin=1.0)
+
+
+def test_margin_collapse_is_flagged(tmp_path):
+    flags = flags_of(tmp_path, dpo_rows(margin=lambda k: 1.0 - 0.5 * k))
+    assert set(flags) == {"margin-collapse"}, flags
+    assert "eval margin -3" in flags["margin-collapse"]
+
+
+def test_accuracy_stuck_at_chance_is_flagged(tmp_path):
+    flags = flags_of(tmp_path, dpo_rows(accuracy=lambda k: 0.52))  # 25 of 48: binomial p = 0.89
+    assert set(flags) == {"accuracy-0.5"}, flags
+    # 36 of 48 at the last eval is far from chance: no flag
+    assert not flags_of(tmp_path / "b", dpo_rows(accuracy=lambda k: 0.5 if k < 8 else 0.75))
+
+
+def test_eval_loss_rising_while_train_falls_is_flagged(tmp_path):
+    flags = flags_of(tmp_path, dpo_rows(eval_at=(2, 4, 6, 8), eval_loss=lambda k: 0.60 + 0.01 * abs(k - 4)))
+    assert set(flags) == {"eval-loss-rising"}, flags
+    assert "since step 4" in flags["eval-loss-rising"]
+
+
+def test_healthy_run_has_no_flags(tmp_path):
+    assert flags_of(tmp_path, dpo_rows()) == {}
+
+
+def test_resumed_run_keeps_the_later_row_of_a_repeated_step(tmp_path):
+    rows = dpo_rows(steps=4, eval_at=())
+    rows += [{**rows[2], "loss": 0.123}, {**rows[3], "loss": 0.124}]  # steps 3, 4 re-logged after a resume
+    s = tmp_path / "logs" / "one"
+    write_run(s, "r", config("r"), rows)
+    run = analyze_sweep.load_runs(s)[0]
+    assert list(run.rows("train")["step"]) == [1, 2, 3, 4]
+    assert list(run.rows("train")["loss"])[2:] == [0.123, 0.124]
+
+
+def test_win_rate_ci_matches_the_exact_binomial_interval():
+    """60 wins of 100: the percentile bootstrap agrees with Clopper-Pearson (0.497, 0.697) to 0.02."""
+    from scipy.stats import binomtest
+
+    from judge import bootstrap_ci
+
+    exact = binomtest(60, 100).proportion_ci(0.95, method="exact")
+    low, high = bootstrap_ci([1.0] * 60 + [0.0] * 40, seed=0)
+    assert low == pytest.approx(exact.low, abs=0.02) and high == pytest.approx(exact.high, abs=0.02)
+
+
+def test_length_controlled_win_rate_recovers_simulated_parameters():
+    """Verdicts drawn from logit P(win) = theta + phi tanh(delta / sd): the fit gives back theta and phi, and LC
+    = sigmoid(theta) while the raw win rate is inflated by the longer answers."""
+    rng = np.random.default_rng(1)
+    n, theta, phi = 4000, -0.3, 1.5
+    baseline = rng.integers(200, 400, n)
+    candidate = baseline + rng.normal(150, 200, n).astype(int)  # mostly longer
+    delta = candidate - baseline
+    p = 1 / (1 + np.exp(-(theta + phi * np.tanh(delta / delta.std(ddof=1)))))
+    wins = (rng.random(n) < p).astype(float)
+    lc = analyze_sweep.lc_win_rate(wins, candidate, baseline, seed=0, n_boot=100)
+    assert lc["theta"] == pytest.approx(theta, abs=0.12) and lc["phi"] == pytest.approx(phi, abs=0.15)
+    assert lc["lc_win_rate"] == pytest.approx(1 / (1 + math.exp(-theta)), abs=0.03)
+    assert wins.mean() > 0.55 > lc["lc_win_rate"]
+    assert lc["lc_ci"][0] < lc["lc_win_rate"] < lc["lc_ci"][1]
+
+
+def test_bradley_terry_recovers_simulated_scores():
+    """Battles among four models with known Elo scores (SFT the anchor at 1000), star and round-robin, ties 1/2."""
+    rng = np.random.default_rng(2)
+    truth = {"sft": 1000.0, "a": 1100.0, "b": 950.0, "c": 1200.0}
+    names = list(truth)
+    battles = []
+    for _ in range(6000):
+        i, j = rng.choice(4, 2, replace=False)
+        a, b = names[i], names[j]
+        p = 1 / (1 + 10 ** ((truth[b] - truth[a]) / 400))
+        u = rng.random()
+        battles.append({"model_a": a, "model_b": b, "score": 0.5 if abs(u - p) < 0.05 else float(u < p)})
+    ranking = analyze_sweep.bradley_terry(pd.DataFrame(battles), "sft", seed=0, n_boot=100).set_index("model")
+    for model, score in truth.items():
+        assert ranking.loc[model, "score"] == pytest.approx(score, abs=25), model
+        assert ranking.loc[model, "ci_low"] - 10 <= score <= ranking.loc[model, "ci_high"] + 10, model
+    assert list(ranking.index) == ["c", "a", "sft", "b"]
+
+
+def test_bradley_terry_stays_finite_when_a_run_wins_everything():
+    battles = pd.DataFrame({"model_a": ["a"] * 20 + ["b"] * 20, "model_b": ["sft"] * 40,
+                            "score": [1.0] * 20 + [0.5] * 20})
+    ranking = analyze_sweep.bradley_terry(battles, "sft", seed=0, n_boot=50).set_index("model")
+    assert np.isfinite(ranking["score"]).all() and ranking.loc["a", "score"] > 1300
+    assert ranking.loc["b", "score"] == pytest.approx(1000, abs=1)
+
+
+def test_partial_judging_without_a_summary_is_analysed_and_said(sweep, tmp_path, capsys):
+    (sweep / "judgments" / "beta0.5_seed0.summary.json").unlink()  # its judge job is still running
+    table = analyse(sweep, tmp_path / "report")
+    assert table.loc["beta0.5_seed0", "judging"] == "partial" and table.loc["beta0.5_seed0", "win_rate"] == 0.2
+    assert "judging of **beta0.5_seed0** is partial" in (tmp_path / "report" / "README.md").read_text()
+
+
+def test_a_judge_no_better_than_chance_is_called_out(sweep, tmp_path):
+    write_calibration(sweep, agreement=0.51, ci=(0.45, 0.57))
+    analyse(sweep, tmp_path / "report")
+    assert "not better than chance" in (tmp_path / "report" / "README.md").read_text()
+
+
+def test_bad_inputs_get_one_line_errors(sweep, tmp_path, capsys):
+    assert analyze_sweep.main(["--sweep", str(tmp_path / "nope")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert analyze_sweep.main(["--sweep", str(tmp_path / "empty")]) == 2
+    assert "no runs here" in capsys.readouterr().err
+    # a corrupt line in the middle of one run's metrics: that run is reported unreadable, the rest analysed
+    path = sweep / "beta0.1_seed1" / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:3] + ["{not json"] + lines[3:]) + "\n")
+    (sweep / "beta0.5_seed0" / "run.json").write_text("{")
+    table = analyse(sweep, tmp_path / "report")
+    out = capsys.readouterr().out
+    assert f"{path}: line 4 is not valid JSON" in out
+    assert "beta0.5_seed0/run.json: not readable JSON" in out
+    assert table.loc["beta0.5_seed0", "status"] == "unreadable" and table.loc["beta0.1_seed0", "status"] == "completed"
+    bad = sweep / "judgments" / "beta0.1_seed0.jsonl"
+    bad.write_text('{"no_key": 1}\n')
+    assert analyze_sweep.main(["--sweep", str(sweep), "--out", str(tmp_path / "r2")]) == 2
+    assert f"{bad}: not a judge.py verdict file" in capsys.readouterr().err
+
+
+def test_never_imports_torch_or_vllm(sweep, tmp_path):
+    """Run in a fresh interpreter where importing torch, vllm or transformers raises."""
+    result = analyse_without_torch("--sweep", sweep, "--out", tmp_path / "r", "--bootstrap", "50")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "r" / "README.md").is_file()
