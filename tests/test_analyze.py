@@ -108,6 +108,12 @@ def sweep(tmp_path):
     write_judgments(s, "beta0.1_seed1", ["candidate"] * 20 + ["baseline"] * 20 + ["tie"] * 10)
     write_judgments(s, "beta0.5_seed0", ["candidate"] * 10 + ["baseline"] * 40)
     write_calibration(s)
+    (s / "generations").mkdir()
+    for model, tokens in (("sft", [10, 20, 30]), ("beta0.1_seed0", [40, 64, 64])):
+        with open(s / "generations" / f"{model}.jsonl", "w") as fh:
+            for i, n in enumerate(tokens):
+                fh.write(json.dumps({"key": f"{model}|p{i}", "sampling_hash": "c", "new_tokens": n, "timestamp": "t",
+                                     "finish_reason": "length" if n == 64 else "stop"}) + "\n")
     (s / "sweep.json").write_text(json.dumps({"jobs": {}, "submissions": [{"config": "configs/sweep_x.yaml"}]}))
     return s
 
@@ -135,6 +141,8 @@ def test_tables_equal_the_inputs(sweep, tmp_path, capsys):
     assert table.loc["sft", "bt_score"] == 1000
     assert table.loc["beta0.5_seed0", "bt_score"] == pytest.approx(1000 + 400 * math.log10(0.2 / 0.8), abs=0.5)
     assert table.loc["beta0.1_seed0", "bt_score"] > table.loc["beta0.1_seed1", "bt_score"] > table.loc["beta0.5_seed0", "bt_score"]
+    assert (table.loc["sft", "answers"], table.loc["sft", "mean_new_tokens"], table.loc["sft", "hit_max_tokens"]) == (3, 20, 0)
+    assert table.loc["beta0.1_seed0", "mean_new_tokens"] == 56 and table.loc["beta0.1_seed0", "hit_max_tokens"] == 2 / 3
     md = (tmp_path / "report" / "summary.md").read_text()
     assert "70.8 [" in md and "| beta0.5_seed0 | sigmoid | 0.500 | 0 | completed |" in md
     best = md.split("Best run per criterion")[1]
@@ -152,7 +160,7 @@ def test_every_figure_is_a_valid_png_and_pdf(sweep, tmp_path):
         with Image.open(png) as image:
             image.verify()
         with Image.open(png) as image:
-            assert image.format == "PNG" and image.size[0] >= 600, (name, image.size)
+            assert image.format == "PNG" and image.size[0] >= 450, (name, image.size)
         data = pdf.read_bytes()
         assert data.startswith(b"%PDF") and b"%%EOF" in data[-1024:], name
 
