@@ -28,7 +28,7 @@ import yaml
 
 from config import UserInputError
 from jsonl import read_jsonl
-from judge import SCORE, bootstrap_ci, combine, summary_path
+from judge import SCORE, bootstrap_ci, combine, summary_path, unswap
 
 NOT_RUNS = {"configs", "code", "generations", "judgments", "submitit", "ref_cache"}
 # (metrics.jsonl key, axis label with unit); rewards are beta * log(pi/pi_ref) summed over the response, in nats
@@ -58,7 +58,7 @@ class Run:
     metrics: pd.DataFrame = field(default_factory=pd.DataFrame)
     status: str = "missing"
     problems: list[str] = field(default_factory=list)     # files that could not be read, with why
-    non_finite: list[str] = field(default_factory=list)   # "step 7 (train): loss" for every non-finite value
+    non_finite: list[str] = field(default_factory=list)   # "step 7 (train): loss=None" for every non-finite value
     flags: dict[str, str] = field(default_factory=dict)   # flag -> what was seen
 
     @property
@@ -67,6 +67,7 @@ class Run:
 
     @property
     def beta(self) -> float | None:
+        """None for SFT, and for a run whose config could not be read (it is tabled, never plotted against beta)."""
         return self.config.get("loss", {}).get("beta") if self.kind == "dpo" else None
 
     @property
@@ -107,6 +108,19 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
+def read_run_config(path: Path) -> dict:
+    """A run's resolved config.yaml, checked for what the analysis reads from it."""
+    data = read_yaml(path)
+    for section in ("model", "data", "tokenize", "loss", "train", "lora"):
+        if not isinstance(data.setdefault(section, {}), dict):
+            raise AnalysisError(f"{path}: '{section}' should be a mapping, found {data[section]!r}")
+    for section, key in (("loss", "beta"), ("train", "seed"), ("train", "max_steps")):
+        value = data[section].get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise AnalysisError(f"{path}: {section}.{key} should be a number, found {value!r}")
+    return data
+
+
 def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -117,18 +131,29 @@ def read_json(path: Path) -> dict:
     return data
 
 
+def read_lines(path: Path) -> list:
+    """jsonl.read_jsonl with every failure named by file (and line, where JSON is at fault)."""
+    try:
+        return read_jsonl(path)
+    except ValueError as e:  # UnicodeDecodeError included
+        raise AnalysisError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+    except OSError as e:
+        raise AnalysisError(f"{path}: {e.strerror or e}") from None
+
+
 def read_metrics(path: Path, run: Run) -> pd.DataFrame:
     """metrics.jsonl as a frame, one row per (split, step): a resumed run re-logs the steps after its checkpoint,
     and the later row wins. Non-finite values (written as null by jsonl.append_jsonl) are noted on the run."""
-    rows = []
-    for i, row in enumerate(read_jsonl(path), 1):
+    rows, bad = [], {}
+    for i, row in enumerate(read_lines(path), 1):
         if not isinstance(row, dict) or row.get("split") not in ("train", "eval") or not isinstance(row.get("step"), int):
             raise AnalysisError(f"{path}: line {i} is not a metrics row (needs an integer 'step' and 'split' "
                                 f"train/eval): {json.dumps(row)[:120]}")
-        for key in FINITE_KEYS:
-            if key in row and not (isinstance(row[key], (int, float)) and math.isfinite(row[key])):
-                run.non_finite.append(f"step {row['step']} ({row['split']}): {key}={row[key]}")
+        bad[(row["split"], row["step"])] = [  # a resumed run re-logs a step: only its later row counts
+            f"step {row['step']} ({row['split']}): {key}={row[key]}" for key in FINITE_KEYS
+            if key in row and not (isinstance(row[key], (int, float)) and math.isfinite(row[key]))]
         rows.append(row)
+    run.non_finite = [text for (_, _), texts in sorted(bad.items(), key=lambda kv: kv[0][1]) for text in texts]
     if not rows:
         return pd.DataFrame()
     frame = pd.DataFrame(rows)
@@ -150,10 +175,13 @@ def load_runs(sweep: Path) -> list[Run]:
         for path in (run.folder / "config.yaml", sweep / "configs" / f"{name}.yaml"):
             if path.is_file():
                 try:
-                    run.config = read_yaml(path)
+                    run.config = read_run_config(path)
                     break
                 except AnalysisError as e:
                     run.problems.append(str(e))
+        if not run.config and not run.problems:
+            run.problems.append(f"{run.folder}: no config.yaml (and no {sweep / 'configs' / name}.yaml): "
+                                f"β, seed and loss type unknown")
         if (run.folder / "run.json").is_file():
             try:
                 run.info = read_json(run.folder / "run.json")
@@ -165,7 +193,7 @@ def load_runs(sweep: Path) -> list[Run]:
             run.status = "not started"
         try:
             run.metrics = read_metrics(run.folder / "metrics.jsonl", run)
-        except (AnalysisError, ValueError) as e:
+        except AnalysisError as e:
             run.problems.append(str(e))
             run.status = "unreadable" if run.status in ("missing", "not started") else run.status
         if run.status == "not started" and not run.metrics.empty:
@@ -183,15 +211,28 @@ def stability_flags(run: Run, collapse_margin: float, alpha: float = 0.05) -> di
     margin-collapse the reward margin ends below -collapse_margin (both rewards sinking, rejected faster: the policy
                     now prefers the rejected answers, as GPT-2 did at beta >= 0.1 in the seed runs);
     accuracy-0.5    no eval of the run tells its reward accuracy from a coin flip (binomial test, alpha 0.05);
-    eval-loss-rising the eval loss rose from its minimum while the train loss kept falling (overfitting)."""
+    eval-loss-rising the eval loss rose from its minimum while the train loss kept falling (overfitting; SFT too).
+    The first two and the last look at any run; margins and accuracies exist for DPO runs only."""
     flags = {}
     error = str(run.info.get("error", ""))
     if run.non_finite or (run.status == "failed" and ("nan" in error.lower() or "inf" in error.lower())):
         flags["non-finite"] = "; ".join(run.non_finite[:3]) or error
-    if run.kind != "dpo" or run.metrics.empty:
+    if run.metrics.empty:
         return flags
     train, ev = run.rows("train"), run.rows("eval")
     window = max(1, len(train) // 10)
+    ev_loss = ev["loss"].dropna() if "loss" in ev else pd.Series(dtype=float)
+    if len(ev_loss) >= 2 and "loss" in train:
+        at_min = int(ev_loss.values.argmin())
+        rise = ev_loss.iloc[-1] - ev_loss.iloc[at_min]
+        step_min = int(ev.loc[ev_loss.index[at_min], "step"])
+        before = train[train["step"] <= step_min]["loss"].dropna().tail(window).mean()
+        after = train["loss"].dropna().tail(window).mean()
+        if rise > max(0.005, 0.01 * abs(ev_loss.iloc[at_min])) and after < before:
+            flags["eval-loss-rising"] = (f"eval loss +{rise:.3g} since step {step_min} while train loss fell "
+                                         f"{before - after:.3g}")
+    if run.kind != "dpo":
+        return flags
     margins = [("train", train["rewards/margins"].dropna().tail(window).mean())] if "rewards/margins" in train else []
     if "rewards/margins" in ev and ev["rewards/margins"].notna().any():
         margins.append(("eval", ev["rewards/margins"].dropna().iloc[-1]))
@@ -208,16 +249,6 @@ def stability_flags(run: Run, collapse_margin: float, alpha: float = 0.05) -> di
         if min(p_values) >= alpha:
             flags["accuracy-0.5"] = (f"eval accuracy {accuracies.iloc[-1]:.3f} on {n_eval} pairs "
                                      f"(binomial p={p_values[-1]:.2f}; no eval separated from chance)")
-    ev_loss = ev["loss"].dropna() if "loss" in ev else pd.Series(dtype=float)
-    if len(ev_loss) >= 2 and "loss" in train:
-        at_min = int(ev_loss.values.argmin())
-        rise = ev_loss.iloc[-1] - ev_loss.iloc[at_min]
-        step_min = int(ev.loc[ev_loss.index[at_min], "step"])
-        before = train[train["step"] <= step_min]["loss"].dropna().tail(window).mean()
-        after = train["loss"].dropna().tail(window).mean()
-        if rise > max(0.005, 0.01 * abs(ev_loss.iloc[at_min])) and after < before:
-            flags["eval-loss-rising"] = (f"eval loss +{rise:.3g} since step {step_min} while train loss fell "
-                                         f"{before - after:.3g}")
     return flags
 
 
@@ -241,71 +272,102 @@ class Comparison:
     state: str                  # complete | partial (judging still running, or no summary)
 
 
+VERDICTS = {"A", "B", "tie", "error"}
+
+
+def read_verdicts(path: Path) -> list[dict]:
+    """Every compare row of a judge.py verdict file, checked; a malformed row is an error naming its line."""
+    rows = []
+    for i, row in enumerate(read_lines(path), 1):
+        if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+            raise AnalysisError(f"{path}: line {i} is not a judge.py verdict row (no 'key')")
+        if row.get("task", "compare") != "compare":
+            continue
+        if not isinstance(row.get("pair_id"), str) or row.get("verdict") not in VERDICTS \
+                or row.get("candidate_position") not in ("A", "B"):
+            raise AnalysisError(f"{path}: line {i} needs 'pair_id', 'verdict' (A/B/tie/error) and "
+                                f"'candidate_position' (A/B): {json.dumps(row)[:160]}")
+        rows.append(row)
+    return rows
+
+
 def load_comparison(path: Path) -> Comparison:
-    """The comparison judge.py summarised (the verdict rows its summary's judged_pairs names, newest row per key);
-    without a summary yet, every compare row of the newest judge/template/answers in the file (partial)."""
-    by_key = {}
-    try:
-        for row in read_jsonl(path):
-            by_key[row["key"]] = row
-    except (ValueError, KeyError, TypeError) as e:
-        raise AnalysisError(f"{path}: not a judge.py verdict file ({e})") from None
+    """The comparison judge.py summarised: the verdict rows its summary's judged_pairs names (newest row per key),
+    each verdict unswapped with the position the summary gives. Without a summary, or with one older than the
+    verdict file (judging again, still running), or from a judge.py that did not list its pairs, every pair of the
+    newest judge/template/answers in the file, from each row's own position: partial."""
+    rows = read_verdicts(path)
+    by_key = {r["key"]: r for r in rows}
     summary_file = summary_path(path)
     summary = read_json(summary_file) if summary_file.is_file() else None
-    if summary and isinstance(summary.get("judged_pairs"), dict):
-        groups = {pid: [by_key.get(k) for k in keys] for pid, keys in summary["judged_pairs"].items()}
+    current = summary is not None and summary_file.stat().st_mtime >= path.stat().st_mtime
+    placed = (summary or {}).get("judged_pairs")
+    readable = isinstance(placed, dict) and all(  # [[position, key], ...] per pair; older judge.py wrote none
+        isinstance(entries, list) and all(isinstance(e, list) and len(e) == 2 and e[0] in ("A", "B") for e in entries)
+        for entries in placed.values())
+    if current and readable:
+        groups = {pid: [(position, by_key.get(key)) for position, key in entries] for pid, entries in placed.items()}
         state = "complete"
     else:
-        rows = [r for r in by_key.values() if r.get("task") == "compare"]
         ident = ("judge_fingerprint", "template_version", "mode", "candidate_sampling_hash", "baseline_sampling_hash")
-        newest = max(rows, key=lambda r: r.get("timestamp", ""), default={})
+        newest = max(rows, key=lambda r: str(r.get("timestamp") or ""), default={})
+        latest = {(r["pair_id"], r["key"]): r for r in rows if all(r.get(k) == newest.get(k) for k in ident)}
         groups = {}
-        for r in rows:
-            if all(r.get(k) == newest.get(k) for k in ident):
-                groups.setdefault(r["pair_id"], []).append(r)
-        state = "complete" if summary else "partial"
+        for (pid, _), r in latest.items():
+            groups.setdefault(pid, []).append((r["candidate_position"], r))
+        state = "partial"
     pairs, judgments = [], []
-    for pid, rows in groups.items():
-        found = [r for r in rows if r]
-        winner = combine([r["winner"] if r else "error" for r in rows])
-        first = found[0] if found else {}
+    for pid, placed_rows in groups.items():
+        winners = [unswap(r["verdict"], position) if r else "error" for position, r in placed_rows]
+        winner = combine(winners)
+        first = next((r for _, r in placed_rows if r), {})
         pairs.append({"pair_id": pid, "prompt_set": pid.split("/")[0], "winner": winner, "score": SCORE.get(winner),
                       "candidate_chars": first.get("candidate_chars"), "baseline_chars": first.get("baseline_chars")})
-        judgments += [{"pair_id": pid, "candidate_position": r.get("candidate_position"), "verdict": r.get("verdict"),
-                       "winner": r.get("winner"), "asked": not r.get("identical_answers")} for r in found]
-    first_row = next(iter(by_key.values()), {})
-    return Comparison(path.stem, (summary or {}).get("baseline", {}).get("model_name") or first_row.get("baseline_model", "sft"),
+        judgments += [{"pair_id": pid, "candidate_position": position, "verdict": r["verdict"], "winner": w,
+                       "asked": not r.get("identical_answers")}
+                      for (position, r), w in zip(placed_rows, winners) if r]
+    baseline = ((summary or {}).get("baseline") or {}).get("model_name") or (rows[0].get("baseline_model") if rows
+                                                                              else None) or "sft"
+    return Comparison(path.stem, baseline,
                       pd.DataFrame(pairs, columns=["pair_id", "prompt_set", "winner", "score", "candidate_chars",
                                                    "baseline_chars"]),
                       pd.DataFrame(judgments, columns=["pair_id", "candidate_position", "verdict", "winner", "asked"]),
                       summary, state)
 
 
-def load_comparisons(sweep: Path) -> dict[str, Comparison]:
+def load_comparisons(sweep: Path, problems: list[str]) -> dict[str, Comparison]:
+    """Every judged run; a verdict or summary file that cannot be read is named in problems and left out."""
     folder = sweep / "judgments"
-    if not folder.is_dir():
-        return {}
-    return {p.stem: load_comparison(p) for p in sorted(folder.glob("*.jsonl")) if p.stem != "calibration"}
+    found = {}
+    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+        if path.stem == "calibration":
+            continue
+        try:
+            found[path.stem] = load_comparison(path)
+        except AnalysisError as e:
+            problems.append(str(e))
+    return found
 
 
-def load_generations(sweep: Path, comparisons: dict[str, Comparison]) -> dict[str, dict]:
+def load_generations(sweep: Path, comparisons: dict[str, Comparison], problems: list[str]) -> dict[str, dict]:
     """Per model: how many answers, their mean length in new tokens and the share cut off at max_new_tokens, for the
     sampling settings its comparison judged (else the newest settings in the file)."""
     judged_hash = {}
     for c in comparisons.values():
         for side in ("candidate", "baseline"):
             info = (c.summary or {}).get(side) or {}
-            if info.get("model_name") and info.get("sampling_hash"):
+            if isinstance(info, dict) and info.get("model_name") and info.get("sampling_hash"):
                 judged_hash[info["model_name"]] = info["sampling_hash"]
     found = {}
     for path in sorted((sweep / "generations").glob("*.jsonl")) if (sweep / "generations").is_dir() else []:
         try:
-            rows = [r for r in read_jsonl(path) if isinstance(r, dict) and "sampling_hash" in r]
-        except ValueError as e:
-            raise AnalysisError(str(e)) from None
+            rows = [r for r in read_lines(path) if isinstance(r, dict) and "sampling_hash" in r]
+        except AnalysisError as e:
+            problems.append(str(e))
+            continue
         if not rows:
             continue
-        wanted = judged_hash.get(path.stem) or max(rows, key=lambda r: r.get("timestamp", ""))["sampling_hash"]
+        wanted = judged_hash.get(path.stem) or max(rows, key=lambda r: str(r.get("timestamp") or ""))["sampling_hash"]
         rows = list({r.get("key"): r for r in rows if r["sampling_hash"] == wanted}.values())
         tokens = [r["new_tokens"] for r in rows if isinstance(r.get("new_tokens"), (int, float))]
         found[path.stem] = {"answers": len(rows), "mean_new_tokens": float(np.mean(tokens)) if tokens else None,
@@ -316,25 +378,26 @@ def load_generations(sweep: Path, comparisons: dict[str, Comparison]) -> dict[st
 # ---------------------------------------------------------------- statistics
 
 
-def _logit_fit(X: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-    """Coefficients of a logistic GLM of y in [0, 1] (ties are 1/2) on X; under perfect separation (a side that
-    always wins) the maximum is at infinity, and a tiny ridge penalty keeps the estimate finite."""
+def _logit_fit(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(coefficients, separated) of a logistic GLM of y in [0, 1] (ties are 1/2) on X. Under perfect separation (a
+    side that always wins) the maximum is at infinity: then a tiny ridge penalty gives finite coefficients, and
+    separated=True says they are not maximum-likelihood estimates."""
     import statsmodels.api as sm
     from statsmodels.tools.sm_exceptions import PerfectSeparationWarning
 
-    model = sm.GLM(y, X, family=sm.families.Binomial(), freq_weights=weights)
+    model = sm.GLM(y, X, family=sm.families.Binomial())
     with warnings.catch_warnings():
         warnings.simplefilter("error", PerfectSeparationWarning)
         warnings.filterwarnings("ignore", category=RuntimeWarning)
         try:
             params = np.asarray(model.fit().params)
             if np.all(np.isfinite(params)) and np.all(np.abs(params) < 20):
-                return params
+                return params, False
         except (PerfectSeparationWarning, np.linalg.LinAlgError, ValueError):
             pass
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return np.asarray(model.fit_regularized(alpha=RIDGE, L1_wt=0.0).params)
+        return np.asarray(model.fit_regularized(alpha=RIDGE, L1_wt=0.0).params), True
 
 
 def _sigmoid(x):
@@ -349,20 +412,26 @@ def lc_win_rate(scores, candidate_len, baseline_len, seed: int = 0, n_boot: int 
     pairs (the GLM refit on each resample). scores, lengths: (n,) arrays."""
     y = np.asarray(scores, dtype=float)
     delta = np.asarray(candidate_len, dtype=float) - np.asarray(baseline_len, dtype=float)
-    if y.size < 3 or not np.std(delta) > 0:
+    if y.size < 3 or not np.std(delta) > 0 or np.ptp(y) == 0:
         return {"lc_win_rate": float(y.mean()) if y.size else None, "lc_ci": bootstrap_ci(y, seed), "theta": None,
-                "phi": None, "note": "no length difference to control for: LC = the raw win rate"}
+                "phi": None, "note": "nothing for length to explain (equal lengths or one outcome): LC = win rate"}
     x = np.tanh(delta / np.std(delta, ddof=1))
 
     def fit(idx):
         return _logit_fit(np.column_stack([np.ones(idx.size), x[idx]]), y[idx])
 
-    theta, phi = fit(np.arange(y.size))
+    (theta, phi), separated = fit(np.arange(y.size))
+    if separated:
+        return {"lc_win_rate": None, "lc_ci": None, "theta": None, "phi": None,
+                "note": "answer length separates wins from losses: the length-controlled rate is not identifiable"}
     rng = np.random.default_rng(seed)
-    boot = np.array([_sigmoid(fit(rng.integers(0, y.size, y.size))[0]) for _ in range(n_boot)])
-    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
-    return {"lc_win_rate": float(_sigmoid(theta)), "lc_ci": [round(float(lo), 4), round(float(hi), 4)],
-            "theta": float(theta), "phi": float(phi), "note": ""}
+    boot = [fit(rng.integers(0, y.size, y.size)) for _ in range(n_boot)]
+    kept = np.array([_sigmoid(params[0]) for params, sep in boot if not sep])
+    ci = None
+    if kept.size >= 0.9 * n_boot:  # resamples that separate have no estimate; too many and there is no interval
+        ci = [float(q) for q in np.quantile(kept, [(1 - level) / 2, (1 + level) / 2])]
+    return {"lc_win_rate": float(_sigmoid(theta)), "lc_ci": ci, "theta": float(theta), "phi": float(phi),
+            "note": "" if ci else f"{n_boot - kept.size} of {n_boot} resamples separate: no interval"}
 
 
 def bradley_terry(battles: pd.DataFrame, anchor: str, seed: int = 0, n_boot: int = 1000, level: float = 0.95) -> pd.DataFrame:
@@ -383,7 +452,7 @@ def bradley_terry(battles: pd.DataFrame, anchor: str, seed: int = 0, n_boot: int
     to_elo = ELO_SCALE / math.log(ELO_BASE)
 
     def fit(idx):
-        return ELO_ANCHOR + to_elo * _logit_fit(X[idx], y[idx]) if others else np.zeros(0)
+        return ELO_ANCHOR + to_elo * _logit_fit(X[idx], y[idx])[0] if others else np.zeros(0)
 
     point = fit(np.arange(len(y)))
     rng = np.random.default_rng(seed)
@@ -440,7 +509,7 @@ def summarise(runs: list[Run], comparisons: dict[str, Comparison], generations: 
                        judging=c.state, win_rate=float(scored["score"].mean()) if len(scored) else None,
                        win_rate_ci_low=ci[0], win_rate_ci_high=ci[1], lc_win_rate=lc["lc_win_rate"],
                        lc_ci_low=(lc["lc_ci"] or [None])[0], lc_ci_high=(lc["lc_ci"] or [None, None])[1],
-                       length_coef=lc["phi"], first_position_rate=first_position_rate(c.judgments),
+                       length_coef=lc["phi"], lc_note=lc["note"], first_position_rate=first_position_rate(c.judgments),
                        consistency=consistency(c.judgments),
                        mean_chars_candidate=float(c.pairs["candidate_chars"].mean()),
                        mean_chars_baseline=float(c.pairs["baseline_chars"].mean()))
@@ -450,7 +519,7 @@ def summarise(runs: list[Run], comparisons: dict[str, Comparison], generations: 
         rows.append(row)
     columns = ["run", "loss", "beta", "seed", "status", "flags", "steps", "max_steps", "eval_step", "eval_loss",
                "eval_accuracy", "eval_margin", "eval_kl", "judged", "judge_errors", "judging", "win_rate",
-               "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate", "lc_ci_low", "lc_ci_high", "length_coef",
+               "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate", "lc_ci_low", "lc_ci_high", "length_coef", "lc_note",
                "bt_score", "bt_ci_low", "bt_ci_high", "first_position_rate", "consistency", "mean_chars_candidate",
                "mean_chars_baseline", "answers", "mean_new_tokens", "hit_max_tokens"]
     return pd.DataFrame(rows).reindex(columns=columns), ranking
@@ -462,15 +531,17 @@ BEST = [("eval_accuracy", "highest eval reward accuracy", max), ("eval_margin", 
 
 
 def best_runs(table: pd.DataFrame) -> pd.DataFrame:
-    """The best DPO run per criterion, among runs whose metrics are finite (other flags are shown beside it)."""
-    dpo = table[(table["loss"] != "sft") & ~table["flags"].fillna("").str.contains("non-finite")]
+    """The best DPO run per criterion, among completed runs whose metrics are finite (other flags are shown beside
+    it); every run level with the best (to 1e-9) is named."""
+    dpo = table[(table["loss"] != "sft") & (table["status"] == "completed")
+                & ~table["flags"].fillna("").str.contains("non-finite")]
     rows = []
     for column, criterion, pick in BEST:
         values = dpo.dropna(subset=[column])
         if values.empty:
             continue
         value = pick(values[column])
-        top = values[values[column] == value]  # every run level with the best one: a tie is not a winner
+        top = values[np.isclose(values[column], value, rtol=1e-9, atol=1e-12)]  # a tie is not a winner
         rows.append({"criterion": criterion, "column": column, "run": ", ".join(top["run"]), "value": value,
                      "flags": "; ".join(sorted({f for f in top["flags"].fillna("") if f}))})
     return pd.DataFrame(rows, columns=["criterion", "column", "run", "value", "flags"])
@@ -556,7 +627,7 @@ def curves_figure(runs: list[Run], split: str, colours: dict, out: Path) -> list
     """Per-step curves, one line per (loss type, beta): mean over seeds, band = min..max over seeds. Train rows are
     smoothed with a centred rolling mean (window in the title); eval rows are drawn as measured."""
     plt = _plt()
-    dpo = [r for r in runs if r.kind == "dpo" and not r.rows(split).empty]
+    dpo = [r for r in runs if r.kind == "dpo" and r.beta is not None and not r.rows(split).empty]
     if not dpo:
         return []
     loss_types = sorted({r.loss_type for r in dpo})
@@ -611,82 +682,126 @@ def beta_axis(ax, betas) -> None:
     ax.set_xlabel("β")
 
 
-def _scatter(ax, x, y, colour, flagged, marker="o", yerr=None, label=None, offset=1.0):
+MARKERS = ["o", "^", "s", "D", "v", "P"]
+
+
+def run_styles(dpo: pd.DataFrame) -> dict[str, tuple[str, float]]:
+    """(marker, x factor) per run: one marker per loss type, and the runs of one beta (loss types, seeds) spread a
+    little sideways on the log beta axis so no run hides behind another."""
+    losses = sorted(dpo["loss"].unique())
+    styles = {}
+    for _, group in dpo.groupby("beta"):
+        n = len(group)
+        for i, (run, loss) in enumerate(group.sort_values(["loss", "seed"], na_position="last")[["run", "loss"]].values):
+            styles[run] = (MARKERS[losses.index(loss) % len(MARKERS)], 1.0 if n == 1 else 0.88 + 0.24 * i / (n - 1))
+    return styles
+
+
+def _errors(point, low, high):
+    """Error-bar lengths, never negative (a rounded interval can sit a hair inside its point)."""
+    if pd.isna(low) or pd.isna(high):
+        return None
+    return [[max(0.0, point - low)], [max(0.0, high - point)]]
+
+
+def _scatter(ax, x, y, colour, flagged, marker="o", yerr=None, label=None):
     kwargs = {"color": colour, "markersize": 5, "marker": marker, "linestyle": "none", "label": label,
               "markerfacecolor": "none" if flagged else colour, "markeredgecolor": colour}
     if yerr is not None:
-        ax.errorbar([x * offset], [y], yerr=yerr, capsize=2, elinewidth=0.8, **kwargs)
+        ax.errorbar([x], [y], yerr=yerr, capsize=2, elinewidth=0.8, **kwargs)
     else:
-        ax.plot([x * offset], [y], **kwargs)
+        ax.plot([x], [y], **kwargs)
+
+
+def _loss_legend(ax, dpo: pd.DataFrame, styles: dict) -> None:
+    if dpo["loss"].nunique() > 1:
+        for loss, group in dpo.groupby("loss"):
+            ax.plot([], [], styles[group["run"].iloc[0]][0], color="black", markersize=4, linestyle="none", label=loss)
+        ax.legend(frameon=False, loc="best")
+
+
+def dpo_rows_of(table: pd.DataFrame, *required: str) -> pd.DataFrame:
+    keep = (table["loss"] != "sft") & table["beta"].notna()
+    for column in required:
+        keep &= table[column].notna()
+    return table[keep]
 
 
 def final_vs_beta_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[Path]:
     plt = _plt()
-    dpo = table[(table["loss"] != "sft") & table["beta"].notna()]
-    if dpo[["eval_accuracy", "eval_margin", "eval_kl"]].isna().all().all():
+    dpo = dpo_rows_of(table)
+    if dpo.empty or dpo[["eval_accuracy", "eval_margin", "eval_kl"]].isna().all().all():
         return []
+    styles = run_styles(dpo)
     fig, axes = plt.subplots(1, 3, figsize=(TEXT_WIDTH_IN, 2.2))
     panels = [("eval_accuracy", "final eval reward accuracy"), ("eval_margin", "final eval reward margin (nats)"),
               ("eval_kl", "final eval KL estimate (nats/token)")]
     for ax, (column, label) in zip(axes, panels):
         for loss_i, (loss, group) in enumerate(dpo.groupby("loss")):
             means = group.groupby("beta")[column].mean()
-            ax.plot(means.index, means.values, LINESTYLES[loss_i % 4], color="grey", linewidth=0.8,
-                    label=f"{loss}" + (" (mean over seeds)" if group["seed"].nunique() > 1 else ""))
+            ax.plot(means.index, means.values, LINESTYLES[loss_i % 4], color="grey", linewidth=0.8)
             for _, r in group.iterrows():
                 if pd.notna(r[column]):
-                    _scatter(ax, r["beta"], r[column], colours[r["beta"]], bool(r["flags"]))
+                    marker, factor = styles[r["run"]]
+                    _scatter(ax, r["beta"] * factor, r[column], colours[r["beta"]], bool(r["flags"]), marker)
         if column == "eval_accuracy":
             ax.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
         beta_axis(ax, dpo["beta"])
         ax.set_ylabel(label)
-    if dpo["loss"].nunique() > 1 or dpo["seed"].nunique() > 1:
-        axes[0].legend(frameon=False)
-    fig.suptitle("final eval metrics vs β (one point per run; hollow = flagged)", y=1.02)
+    _loss_legend(axes[0], dpo, styles)
+    fig.suptitle("final eval metrics vs β (one point per run, grey line = mean over seeds; hollow = flagged)", y=1.02)
     fig.tight_layout()
     return save(fig, out, "final_vs_beta")
 
 
 def win_rate_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[Path]:
+    """Two panels side by side: the win rate against SFT and the length-controlled win rate, each with its CI."""
     plt = _plt()
-    dpo = table[(table["loss"] != "sft") & table["win_rate"].notna()]
+    dpo = dpo_rows_of(table, "win_rate")
     if dpo.empty:
         return []
-    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH_IN, 2.4))
-    for _, r in dpo.iterrows():
-        flagged = bool(r["flags"])
-        err = [[r["win_rate"] - r["win_rate_ci_low"]], [r["win_rate_ci_high"] - r["win_rate"]]]
-        _scatter(ax, r["beta"], r["win_rate"], colours[r["beta"]], flagged, "o", err, offset=0.93)
-        if pd.notna(r["lc_win_rate"]):
-            lc_err = [[r["lc_win_rate"] - r["lc_ci_low"]], [r["lc_ci_high"] - r["lc_win_rate"]]] \
-                if pd.notna(r["lc_ci_low"]) else None
-            _scatter(ax, r["beta"], r["lc_win_rate"], colours[r["beta"]], flagged, "s", lc_err, offset=1.07)
-    ax.plot([], [], "o", color="black", markersize=4, label="win rate")
-    ax.plot([], [], "s", color="black", markersize=4, label="length-controlled")
-    ax.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
-    beta_axis(ax, dpo["beta"])
-    ax.set_ylabel("win rate vs SFT (ties = ½)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(frameon=False, loc="best")
-    ax.set_title("DPO vs SFT, 95% bootstrap CIs (hollow = flagged)")
+    styles = run_styles(dpo)
+    fig, axes = plt.subplots(1, 2, figsize=(TEXT_WIDTH_IN * 0.75, 2.4), sharey=True)
+    for ax, (point, low, high, title) in zip(axes, [
+            ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "win rate vs SFT"),
+            ("lc_win_rate", "lc_ci_low", "lc_ci_high", "length-controlled win rate")]):
+        for _, r in dpo.iterrows():
+            if pd.notna(r[point]):
+                marker, factor = styles[r["run"]]
+                _scatter(ax, r["beta"] * factor, r[point], colours[r["beta"]], bool(r["flags"]), marker,
+                         _errors(r[point], r[low], r[high]))
+        ax.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
+        beta_axis(ax, dpo["beta"])
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(title)
+    axes[0].set_ylabel("rate (ties = ½)")
+    _loss_legend(axes[0], dpo, styles)
+    fig.suptitle("DPO vs SFT with 95% bootstrap CIs (one point per run; hollow = flagged)", y=1.02)
     fig.tight_layout()
     return save(fig, out, "win_rate_vs_beta")
 
 
 def frontier_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[Path]:
+    from matplotlib.ticker import MaxNLocator
+
     plt = _plt()
-    dpo = table[(table["loss"] != "sft") & table["win_rate"].notna() & table["eval_kl"].notna()]
+    dpo = dpo_rows_of(table, "win_rate", "eval_kl")
     if dpo.empty:
         return []
+    styles = run_styles(dpo)
     fig, ax = plt.subplots(figsize=(COLUMN_WIDTH_IN, 2.4))
     for _, r in dpo.iterrows():
-        err = [[r["win_rate"] - r["win_rate_ci_low"]], [r["win_rate_ci_high"] - r["win_rate"]]]
-        _scatter(ax, r["eval_kl"], r["win_rate"], colours[r["beta"]], bool(r["flags"]), "o", err,
-                 label=f"β={r['beta']:g}")
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    ax.legend(unique.values(), unique.keys(), frameon=False, loc="best")
+        _scatter(ax, r["eval_kl"], r["win_rate"], colours[r["beta"]], bool(r["flags"]), styles[r["run"]][0],
+                 _errors(r["win_rate"], r["win_rate_ci_low"], r["win_rate_ci_high"]))
+    for beta in sorted(dpo["beta"].unique()):
+        ax.plot([], [], "s", color=colours[beta], markersize=4, linestyle="none", label=f"β={beta:g}")
+    if dpo["loss"].nunique() > 1:
+        for loss, group in dpo.groupby("loss"):
+            ax.plot([], [], styles[group["run"].iloc[0]][0], color="black", markersize=4, linestyle="none", label=loss)
+    ax.legend(frameon=False, loc="best")
     ax.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
+    ax.xaxis.set_major_locator(MaxNLocator(4))
+    ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
     ax.set_xlabel("final eval KL estimate (nats/token)")
     ax.set_ylabel("win rate vs SFT")
     ax.set_title("KL–win-rate frontier (one point per run; hollow = flagged)")
@@ -737,79 +852,101 @@ def judge_figure(table: pd.DataFrame, calibration: dict | None, out: Path) -> li
 # ---------------------------------------------------------------- the report
 
 
-def setup_account(sweep: Path, runs: list[Run], comparisons: dict[str, Comparison], calibration: dict | None) -> list[str]:
-    """What a reader needs to reproduce the sweep, from the files it wrote."""
+def _get(d, dotted: str, default="?"):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return default if d is None or d == "" else d
+
+
+def _num(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+def setup_account(sweep: Path, runs: list[Run], comparisons: dict[str, Comparison], calibration: dict | None,
+                  problems: list[str]) -> list[str]:
+    """What a reader needs to reproduce the sweep, from the files it wrote (a value a file lacks shows as ?)."""
     lines = []
     sft = next((r for r in runs if r.kind == "sft" and r.config), None)
-    dpo = [r for r in runs if r.kind == "dpo" and r.config]
-    record = read_json(sweep / "sweep.json") if (sweep / "sweep.json").is_file() else {}
-    configs = sorted({s.get("config") for s in record.get("submissions", []) if s.get("config")})
+    dpo = [r for r in runs if r.kind == "dpo" and r.config and r.beta is not None]
+    try:
+        record = read_json(sweep / "sweep.json") if (sweep / "sweep.json").is_file() else {}
+    except AnalysisError as e:
+        problems.append(str(e))
+        record = {}
+    submissions = record.get("submissions") if isinstance(record.get("submissions"), list) else []
+    configs = sorted({str(x["config"]) for x in submissions if isinstance(x, dict) and x.get("config")})
     if configs:
         lines.append(f"- **Sweep file**: {', '.join(f'`{c}`' for c in configs)} — `python slurm/sweep.py --config "
                      f"{configs[-1]}` (then `--generate`, `--judge`), then `python analyze_sweep.py --sweep {sweep}`.")
     if sft:
-        c, i = sft.config, sft.info
-        lines.append(f"- **Base model**: `{c['model']['path']}` ({c['model'].get('dtype')}); SFT on the chosen "
-                     f"responses: {i.get('steps', sft.last_step)} steps, lr {c['train']['lr']:g}, batch "
-                     f"{c['train']['batch_size']}×{c['train']['grad_accum']}.")
+        c = sft.config
+        lines.append(f"- **Base model**: `{_get(c, 'model.path')}` ({_get(c, 'model.dtype')}); SFT on the chosen "
+                     f"responses: {sft.info.get('steps', sft.last_step)} steps, lr {_num(_get(c, 'train.lr'))}, batch "
+                     f"{_get(c, 'train.batch_size')}×{_get(c, 'train.grad_accum')}.")
     ref = (dpo or [sft])[0] if (dpo or sft) else None
     if ref:
         c, i = ref.config, ref.info
-        d = c["data"]
-        lines.append(f"- **Data**: `{d['path']}` ({d['format']}), {d.get('max_pairs') or 'all'} pairs, "
-                     f"{i.get('train_pairs', '?')} train / {i.get('eval_pairs', '?')} held-out "
-                     f"(eval_fraction {d.get('eval_fraction')}, split seed {d.get('split_seed')}); max_length "
-                     f"{c['tokenize']['max_length']}, max_prompt_length {c['tokenize']['max_prompt_length']}.")
+        lines.append(f"- **Data**: `{_get(c, 'data.path')}` ({_get(c, 'data.format')}), "
+                     f"{_get(c, 'data.max_pairs', 'all')} pairs, {i.get('train_pairs', '?')} train / "
+                     f"{i.get('eval_pairs', '?')} held-out (eval_fraction {_get(c, 'data.eval_fraction')}, split seed "
+                     f"{_get(c, 'data.split_seed')}); max_length {_get(c, 'tokenize.max_length')}, max_prompt_length "
+                     f"{_get(c, 'tokenize.max_prompt_length')}.")
     if dpo:
         c = dpo[0].config
-        t = c["train"]
         betas = sorted({r.beta for r in dpo})
-        seeds = sorted({r.seed for r in dpo})
-        lora = c.get("lora", {})
-        lines.append(f"- **DPO**: loss {', '.join(sorted({r.loss_type for r in dpo}))}; β ∈ {{{', '.join(f'{b:g}' for b in betas)}}}; "
-                     f"seeds {seeds}; {t['max_steps']} steps, batch {t['batch_size']}×{t['grad_accum']} pairs, lr "
-                     f"{t['lr']:g} ({t['scheduler']}, warmup {t['warmup_steps']}), precision {t['mixed_precision']}, "
-                     + (f"LoRA r={lora['r']}" if lora.get("r") else "full fine-tune")
-                     + f"; policy and reference start from `{c['model']['path']}`.")
+        seeds = sorted({r.seed for r in dpo if r.seed is not None})
+        lines.append(f"- **DPO**: loss {', '.join(sorted({r.loss_type for r in dpo}))}; β ∈ "
+                     f"{{{', '.join(_num(b) for b in betas)}}}; seeds {seeds}; {_get(c, 'train.max_steps')} steps, "
+                     f"batch {_get(c, 'train.batch_size')}×{_get(c, 'train.grad_accum')} pairs, lr "
+                     f"{_num(_get(c, 'train.lr'))} ({_get(c, 'train.scheduler')}, warmup {_get(c, 'train.warmup_steps')}), "
+                     f"precision {_get(c, 'train.mixed_precision')}, "
+                     + (f"LoRA r={_get(c, 'lora.r')}" if _get(c, "lora.r", 0) else "full fine-tune")
+                     + f"; policy and reference start from `{_get(c, 'model.path')}`.")
     infos = [r.info for r in runs if r.info]
     if infos:
         i = infos[0]
-        versions = ", ".join(f"{k} {v}" for k, v in (i.get("versions") or {}).items())
-        hosts = sorted({x.get("host", "?") for x in infos})
+        versions = ", ".join(f"{k} {v}" for k, v in (i.get("versions") or {}).items()) \
+            if isinstance(i.get("versions"), dict) else "?"
+        hosts = sorted({str(x.get("host", "?")) for x in infos})
         lines.append(f"- **Where**: {', '.join(hosts)}; world size {i.get('world_size', 1)}; commit "
                      f"`{str(i.get('git_commit', '?'))[:12]}`; {versions}.")
-    summaries = [c.summary for c in comparisons.values() if c.summary]
-    if summaries:
-        s = summaries[0]
-        sampling = s.get("candidate", {}).get("sampling", {})
-        sets = pd.concat([c.pairs["prompt_set"] for c in comparisons.values()]).value_counts() / len(comparisons)
-        lines.append(f"- **Generation**: {', '.join(f'{k} ({v:.0f} prompts)' for k, v in sets.items())}; "
-                     f"temperature {sampling.get('temperature')}, max_new_tokens {sampling.get('max_new_tokens')}.")
+    judged = [c for c in comparisons.values() if c.summary and c.state == "complete"]
+    if judged:
+        c, s = judged[0], judged[0].summary
+        counts = c.pairs["prompt_set"].value_counts()
+        lines.append(f"- **Generation**: {', '.join(f'{k} ({v} prompt-answer pairs)' for k, v in counts.items())} per "
+                     f"model; temperature {_get(s, 'candidate.sampling.temperature')}, max_new_tokens "
+                     f"{_get(s, 'candidate.sampling.max_new_tokens')}.")
         lines.append(f"- **Judge**: `{s.get('judge_model')}`, template `{s.get('template_version')}`, mode "
                      f"{s.get('mode')}, order {s.get('order')} (seed {s.get('seed')}); each DPO run against "
-                     f"`{s.get('baseline', {}).get('model_name')}` on {s.get('n')} pairs.")
+                     f"`{_get(s, 'baseline.model_name')}` on {s.get('n')} pairs.")
     if calibration:
         ci = calibration.get("agreement_ci") or [None, None]
+        sets = calibration.get("sets") if isinstance(calibration.get("sets"), dict) else {}
         lines.append(f"- **Judge calibration**: agreement with human labels {fmt(calibration.get('agreement'))} "
                      f"[{fmt(ci[0])}, {fmt(ci[1])}] over {calibration.get('pairs')} pairs "
-                     f"({', '.join(s.split(':')[0] if s.startswith('heldout') else s for s in calibration.get('sets', {}))}); first-position rate "
-                     f"{fmt(calibration.get('first_position_rate'))}.")
+                     f"({', '.join(x.split(':')[0] if x.startswith('heldout') else x for x in sets)}); first-position "
+                     f"rate {fmt(calibration.get('first_position_rate'))}.")
     return lines
 
 
-def judge_warnings(table: pd.DataFrame, calibration: dict | None) -> list[str]:
+def judge_warnings(table: pd.DataFrame, calibration: dict | None, comparisons: dict[str, Comparison]) -> list[str]:
     """Said from the numbers, whatever the judge's name."""
     out = []
     ci = (calibration or {}).get("agreement_ci")
     if ci and ci[0] <= 0.5:
+        where = "lies below" if ci[1] < 0.5 else "includes"
         out.append(f"**The judge is not better than chance at agreeing with human labels** (95% CI {ci[0]:.3f}–"
-                   f"{ci[1]:.3f} includes 0.5): its win rates say nothing about quality.")
+                   f"{ci[1]:.3f} {where} 0.5): its win rates say nothing about quality.")
     elif not calibration:
         out.append("The judge's agreement with human labels was not measured (`judge: calibrate:` in the sweep).")
     fpr = table["first_position_rate"].dropna()
     if len(fpr) and (abs(fpr - 0.5) > 0.2).any():
+        both = any((c.summary or {}).get("order") == "both" for c in comparisons.values())
         out.append(f"Position bias: the judge picks position A in {100 * fpr.min():.0f}–{100 * fpr.max():.0f}% of "
-                   f"its verdicts; with both orders judged, disagreeing orders count as ties.")
+                   f"its verdicts; " + ("with both orders judged, disagreeing orders count as ties." if both else
+                                        "with one random order per pair, the win rate mostly measures the draw: "
+                                        "judge both orders (`order: both`)."))
     return out
 
 
@@ -817,8 +954,8 @@ CAPTIONS = {
     "curves_train": "Train metrics per optimizer step, one line per β (mean over seeds, band min–max).",
     "curves_eval": "Held-out eval metrics at each evaluation, one line per β.",
     "final_vs_beta": "Final held-out reward accuracy, reward margin and KL estimate against β; one point per run.",
-    "win_rate_vs_beta": "Win rate of each DPO run against SFT (circles) and its length-controlled win rate "
-                        "(squares), with 95% bootstrap CIs.",
+    "win_rate_vs_beta": "Win rate of each DPO run against SFT (left) and its length-controlled win rate (right), "
+                        "with 95% bootstrap CIs; marker shape = loss type, seeds side by side.",
     "kl_win_rate_frontier": "KL from the reference against win rate: each run a point; up and to the left is better.",
     "judge_diagnostics": "Judge diagnostics: share of verdicts for position A, share of pairs whose two orders agree, "
                          "and agreement with human labels on the calibration sets.",
@@ -826,26 +963,29 @@ CAPTIONS = {
 
 
 def write_report(out: Path, sweep: Path, runs, comparisons, generations, table, ranking, best, calibration, figures,
-                 argv) -> Path:
+                 problems: list[str], argv) -> Path:
     lines = [f"# Sweep `{sweep.name}`", "",
              f"Generated by `python analyze_sweep.py {' '.join(argv)}` on "
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from `{sweep}`. Everything below is computed from the "
              "files the sweep wrote; re-running the command rewrites this folder.", "", "## Setup", ""]
-    lines += setup_account(sweep, runs, comparisons, calibration) or ["- (no run has written its config yet)"]
+    lines += setup_account(sweep, runs, comparisons, calibration, problems) or ["- (no run has written its config yet)"]
     not_done = [r for r in runs if r.status != "completed"]
     lines += ["", "## State", ""]
     lines += [f"- **{r.name}**: {describe_state(r)}" for r in not_done] or ["Every planned run completed."]
     lines += [f"- judging of **{name}** is {c.state} ({len(c.pairs)} pairs so far)" for name, c in comparisons.items()
               if c.state != "complete"]
-    lines += [f"- {p}" for r in runs for p in r.problems]
+    lines += [f"- unreadable: {p}" for r in runs for p in r.problems] + [f"- unreadable: {p}" for p in problems]
     if generations:
         lines += [f"- no answers yet from **{r.name}** (`generations/{r.name}.jsonl`)" for r in runs
                   if r.name not in generations and r.status == "completed"]
-    warned = judge_warnings(table, calibration)
+    warned = judge_warnings(table, calibration, comparisons)
     if warned:
         lines += ["", "## Read this first", ""] + [f"- {w}" for w in warned]
     lines += ["", "## Results", "", markdown_table(table), "", "Win rates count ties as ½; judge errors are counted "
-              "in *judged* and left out of the rate. CIs: percentile bootstrap over pairs.", "",
+              "in *judged* and left out of the rate. CIs: percentile bootstrap over pairs."]
+    lines += [f"LC win rate of {r['run']}: {r['lc_note']}." for _, r in table.iterrows()
+              if isinstance(r.get("lc_note"), str) and r["lc_note"] and "not identifiable" in r["lc_note"]]
+    lines += ["",
               "### Best run per criterion", "", best_markdown(best)]
     if not ranking.empty:
         lines += ["", "### Bradley-Terry ranking", "", "| model | score [95% CI] | battles |", "|---|---|---|"]
@@ -916,30 +1056,49 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    sweep = Path(args.sweep)
-    out = Path(args.out) if args.out else Path("report") / sweep.name
     try:
-        if not sweep.is_dir():
-            raise AnalysisError(f"--sweep {sweep}: no such folder (a sweep's folder is <root>/<name>, e.g. logs/default)")
-        runs = load_runs(sweep)
-        if not runs:
-            raise AnalysisError(f"--sweep {sweep}: no runs here (no configs/*.yaml, no folder with run.json or "
-                                f"metrics.jsonl): is this a sweep folder?")
-        for run in runs:
-            run.flags = stability_flags(run, args.collapse_margin)
-        comparisons = load_comparisons(sweep)
-        cal_file = sweep / "judgments" / "calibration.summary.json"
-        calibration = read_json(cal_file).get("calibration") if cal_file.is_file() else None
-        if calibration is None:
-            calibration = next((c.summary.get("calibration") for c in comparisons.values()
-                                if c.summary and c.summary.get("calibration")), None)
-        generations = load_generations(sweep, comparisons)
-        table, ranking = summarise(runs, comparisons, generations, args.seed, args.bootstrap)
-        best = best_runs(table)
+        return analyse(args, argv)
     except AnalysisError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    say = lambda message: print(f"[analyze] {message}", flush=True)  # noqa: E731
+    except OSError as e:  # an unwritable --out, a file vanishing under a running sweep
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+    return 2
+
+
+def analyse(args, argv: list[str]) -> int:
+    sweep = Path(args.sweep)
+    out = Path(args.out) if args.out else Path("report") / sweep.name
+    if not sweep.is_dir():
+        raise AnalysisError(f"--sweep {sweep}: no such folder (a sweep's folder is <root>/<name>, e.g. logs/default)")
+    runs = load_runs(sweep)
+    if not runs:
+        raise AnalysisError(f"--sweep {sweep}: no runs here (no configs/*.yaml, no folder with run.json or "
+                            f"metrics.jsonl): is this a sweep folder?")
+    if out.exists() and not out.is_dir():
+        raise AnalysisError(f"--out {out}: exists and is not a folder")
+    for run in runs:
+        run.flags = stability_flags(run, args.collapse_margin)
+    problems: list[str] = []  # files outside the runs that could not be read: named in the report, then skipped
+    comparisons = load_comparisons(sweep, problems)
+    calibration = None
+    cal_file = sweep / "judgments" / "calibration.summary.json"
+    try:
+        calibration = read_json(cal_file).get("calibration") if cal_file.is_file() else None
+    except AnalysisError as e:
+        problems.append(str(e))
+    if calibration is None:
+        calibration = next((c.summary.get("calibration") for c in comparisons.values()
+                            if c.summary and c.summary.get("calibration")), None)
+    if calibration is not None and not isinstance(calibration, dict):
+        problems.append(f"{cal_file}: 'calibration' should be an object, found {calibration!r:.60}")
+        calibration = None
+    generations = load_generations(sweep, comparisons, problems)
+    table, ranking = summarise(runs, comparisons, generations, args.seed, args.bootstrap)
+    best = best_runs(table)
+
+    def say(message: str) -> None:
+        print(f"[analyze] {message}", flush=True)
+
     dpo = [r for r in runs if r.kind == "dpo"]
     say(f"{sweep}: {len(runs)} run(s) ({len(dpo)} DPO), {len(comparisons)} judged against SFT")
     for run in runs:
@@ -949,6 +1108,11 @@ def main(argv=None) -> int:
             say(f"  {run.name}: unreadable: {problem}")
         for flag, detail in run.flags.items():
             say(f"  {run.name}: {flag}: {detail}")
+    for problem in problems:
+        say(f"  unreadable, left out: {problem}")
+    for name, c in comparisons.items():
+        if c.state != "complete":
+            say(f"  judging of {name} is {c.state}: {len(c.pairs)} pairs so far")
     (out / "figures").mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "summary.csv", index=False)
     if not ranking.empty:
@@ -962,11 +1126,13 @@ def main(argv=None) -> int:
     figures += win_rate_figure(table, colours, out / "figures")
     figures += frontier_figure(table, colours, out / "figures")
     figures += judge_figure(table, calibration, out / "figures")
-    report = write_report(out, sweep, runs, comparisons, generations, table, ranking, best, calibration, figures, argv)
+    report = write_report(out, sweep, runs, comparisons, generations, table, ranking, best, calibration, figures,
+                          problems, argv)
     for _, r in table.iterrows():
         if pd.notna(r["win_rate"]):
+            lc = f"{100 * r['lc_win_rate']:.1f}%" if pd.notna(r["lc_win_rate"]) else "n/a"
             say(f"  {r['run']}: win rate {100 * r['win_rate']:.1f}% [{100 * r['win_rate_ci_low']:.1f}, "
-                f"{100 * r['win_rate_ci_high']:.1f}], LC {100 * r['lc_win_rate']:.1f}%, BT {fmt(r.get('bt_score'), 4)}")
+                f"{100 * r['win_rate_ci_high']:.1f}], LC {lc}, BT {fmt(r.get('bt_score'), 4)}")
     say(f"wrote {out}/summary.csv, summary.md, {len(figures)} figure files and the report {report}")
     return 0
 

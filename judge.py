@@ -758,7 +758,9 @@ def run(args, log=print, engine=None) -> dict:
         summary["calibration_note"] = None if known_calibration else \
             "not measured: run with --calibrate, or pass --calibration FILE"
     path = summary_path(out)
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp = path.with_name(path.name + ".tmp")  # a reader (the analysis of a running sweep) never sees half a summary
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, path)
     for line in summary_lines(summary):
         log(line)
     log(f"judge: summary in {path}")
@@ -846,9 +848,9 @@ def _mean(values) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
 
-def pair_keys(pair: Pair, args, judge_id: str, version: str) -> list[str]:
-    """The judgment keys of one pair, one per position it is judged in."""
-    return [judgment_key(judge_id, version, args.mode, pair.question, *arrange(pair, position))
+def placed_keys(pair: Pair, args, judge_id: str, version: str) -> list[tuple[str, str]]:
+    """(candidate position, judgment key) of each judgment of one pair."""
+    return [(position, judgment_key(judge_id, version, args.mode, pair.question, *arrange(pair, position)))
             for position in placements(pair, args.order, args.seed)]
 
 
@@ -856,7 +858,7 @@ def outcomes(pairs: list[Pair], done: dict, args, judge_id: str, version: str) -
     found = []
     for pair in pairs:
         rows = []
-        for position, key in zip(placements(pair, args.order, args.seed), pair_keys(pair, args, judge_id, version)):
+        for position, key in placed_keys(pair, args, judge_id, version):
             row = done.get(key)
             rows.append({**row, "winner": unswap(row["verdict"], position)} if row else None)
         found.append((pair, rows))
@@ -893,8 +895,9 @@ def summarize(pairs, calibration, done, args, judge_id, version, sides, missing)
             "mean_length_tokens": {"candidate": _mean([p.meta.get("candidate_tokens") for p in pairs]),
                                    "baseline": _mean([p.meta.get("baseline_tokens") for p in pairs])},
             "missing": missing,
-            # exactly which verdict rows this summary counted: analyze_sweep.py reads the same comparison back
-            "judged_pairs": {pair.id: pair_keys(pair, args, judge_id, version) for pair in pairs},
+            # exactly which verdict rows this summary counted, and where the candidate stood in each (a row can
+            # serve two pairs with swapped roles): analyze_sweep.py reads the same comparison back
+            "judged_pairs": {pair.id: placed_keys(pair, args, judge_id, version) for pair in pairs},
         })
     if calibration:
         summary["calibration"] = calibration_summary(outcomes(calibration, done, args, judge_id, version), args.seed)

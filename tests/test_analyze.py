@@ -55,22 +55,30 @@ def write_run(sweep, name, cfg, rows, status="completed", **info):
 
 
 def write_judgments(sweep, run, outcomes, lengths=None, summary=True):
-    """outcomes: list of 'candidate'/'baseline'/'tie'/'error', one per pair, judged in one (alternating) order."""
+    """outcomes: list of 'candidate'/'baseline'/'tie'/'error', one per pair, judged in one (alternating) order.
+    The file also holds what a real verdict file accumulates and the summary does not count: a first attempt at
+    pair 0 that failed (same key, older row), and a later run of another template with the opposite verdicts."""
     folder = sweep / "judgments"
     folder.mkdir(exist_ok=True)
     judged, rows = {}, []
+    flip = {"A": "B", "B": "A", "tie": "tie", "error": "A"}
     for i, winner in enumerate(outcomes):
         position = "A" if i % 2 == 0 else "B"
         verdict = {"candidate": position, "baseline": "B" if position == "A" else "A"}.get(winner, winner)
         pid = f"{'heldout' if i % 3 else 'mt_bench'}/p{i}#0"
         cand, base = lengths[i] if lengths else (100, 100)
         key = f"{run}-{i}"
-        judged[pid] = [key]
-        rows.append({"key": key, "task": "compare", "pair_id": pid, "candidate_position": position, "verdict": verdict,
-                     "winner": winner, "identical_answers": False, "candidate_chars": cand, "baseline_chars": base,
-                     "candidate_model": run, "baseline_model": "sft", "judge_fingerprint": "j", "template_version": "t@1",
-                     "mode": "choice", "candidate_sampling_hash": "c", "baseline_sampling_hash": "b",
-                     "timestamp": f"2026-01-01T00:00:{i % 60:02d}"})
+        judged[pid] = [[position, key]]
+        row = {"key": key, "task": "compare", "pair_id": pid, "candidate_position": position, "verdict": verdict,
+               "winner": winner, "identical_answers": False, "candidate_chars": cand, "baseline_chars": base,
+               "candidate_model": run, "baseline_model": "sft", "judge_fingerprint": "j", "template_version": "t@1",
+               "mode": "choice", "candidate_sampling_hash": "c", "baseline_sampling_hash": "b",
+               "timestamp": f"2026-01-01T00:{i // 60:02d}:{i % 60:02d}"}
+        if i == 0:
+            rows.append({**row, "verdict": "error", "winner": "error", "timestamp": "2025-12-31T00:00:00"})
+        rows.append(row)
+        rows.append({**row, "key": f"{run}-other-{i}", "template_version": "t@2", "verdict": flip[verdict],
+                     "timestamp": f"2026-02-01T00:{i // 60:02d}:{i % 60:02d}"})
     with open(folder / f"{run}.jsonl", "w") as fh:
         for row in rows:
             fh.write(json.dumps(row) + "\n")
@@ -276,10 +284,106 @@ def test_bradley_terry_stays_finite_when_a_run_wins_everything():
 
 
 def test_partial_judging_without_a_summary_is_analysed_and_said(sweep, tmp_path, capsys):
-    (sweep / "judgments" / "beta0.5_seed0.summary.json").unlink()  # its judge job is still running
+    """No summary yet (its judge job is still running): the newest judge/template's rows are read, here the t@2
+    rows whose verdicts are the opposite of t@1's, so beta0.5_seed0's 10 wins of 50 become 40."""
+    (sweep / "judgments" / "beta0.5_seed0.summary.json").unlink()
     table = analyse(sweep, tmp_path / "report")
-    assert table.loc["beta0.5_seed0", "judging"] == "partial" and table.loc["beta0.5_seed0", "win_rate"] == 0.2
+    assert table.loc["beta0.5_seed0", "judging"] == "partial" and table.loc["beta0.5_seed0", "win_rate"] == 0.8
+    assert table.loc["beta0.1_seed0", "judging"] == "complete"
     assert "judging of **beta0.5_seed0** is partial" in (tmp_path / "report" / "README.md").read_text()
+
+
+def write_rows(path, rows):
+    with open(path, "w") as fh:
+        for row in rows:
+            fh.write(json.dumps({"task": "compare", "candidate_chars": 10, "baseline_chars": 10, **row}) + "\n")
+
+
+def test_both_orders_position_rate_and_consistency_by_hand(tmp_path):
+    """p0: candidate wins in both orders; p1: the judge says A both times (the orders disagree: a tie); p2: identical
+    answers (tied without asking: no evidence of position bias); p3: tie both times.
+    Position-A rate over the 6 asked judgments: (1 + 0 + 1 + 1 + 1/2 + 1/2) / 6 = 2/3; consistency 2 of 3 asked pairs;
+    win rate (1 + 1/2 + 1/2 + 1/2) / 4 = 0.625."""
+    verdicts = {"p0": ("A", "B"), "p1": ("A", "A"), "p2": ("tie", "tie"), "p3": ("tie", "tie")}
+    rows, placed = [], {}
+    for pid, (when_a, when_b) in verdicts.items():
+        placed[pid] = [["A", f"{pid}-A"], ["B", f"{pid}-B"]]
+        for position, verdict in (("A", when_a), ("B", when_b)):
+            rows.append({"key": f"{pid}-{position}", "pair_id": pid, "candidate_position": position,
+                         "verdict": verdict, "identical_answers": pid == "p2"})
+    path = tmp_path / "run.jsonl"
+    write_rows(path, rows)
+    (tmp_path / "run.summary.json").write_text(json.dumps({"judged_pairs": placed, "order": "both"}))
+    c = analyze_sweep.load_comparison(path)
+    assert c.state == "complete"
+    assert dict(zip(c.pairs["pair_id"], c.pairs["winner"])) == {"p0": "candidate", "p1": "tie", "p2": "tie", "p3": "tie"}
+    assert c.pairs["score"].mean() == 0.625
+    assert analyze_sweep.first_position_rate(c.judgments) == pytest.approx(2 / 3)
+    assert analyze_sweep.consistency(c.judgments) == pytest.approx(2 / 3)
+
+
+def test_a_row_shared_by_two_pairs_is_unswapped_with_each_pairs_position(tmp_path):
+    """p5's candidate is p4's baseline and vice versa: with p5 judged in position B its judgment has the same
+    answers A and B, so judge.py reuses p4's row (one key). The verdict A is a candidate win for p4 and a baseline
+    win for p5; the row's stored winner (p4's view) must not be copied to p5."""
+    path = tmp_path / "run.jsonl"
+    write_rows(path, [{"key": "K", "pair_id": "p4", "candidate_position": "A", "verdict": "A", "winner": "candidate"}])
+    (tmp_path / "run.summary.json").write_text(json.dumps({"judged_pairs": {"p4": [["A", "K"]], "p5": [["B", "K"]]}}))
+    c = analyze_sweep.load_comparison(path)
+    assert dict(zip(c.pairs["pair_id"], c.pairs["winner"])) == {"p4": "candidate", "p5": "baseline"}
+
+
+def test_a_summary_older_than_its_verdicts_is_partial(sweep, tmp_path):
+    """Judging again (new answers) appends rows after the old summary: until the new summary lands, the analysis
+    does not present the old one's pairs as the complete comparison."""
+    import os
+
+    verdicts = sweep / "judgments" / "beta0.1_seed0.jsonl"
+    summary = sweep / "judgments" / "beta0.1_seed0.summary.json"
+    os.utime(summary, (1_000_000, 1_000_000))
+    assert analyze_sweep.load_comparison(verdicts).state == "partial"
+    os.utime(summary, None)
+    assert analyze_sweep.load_comparison(verdicts).state == "complete"
+
+
+def test_lc_is_not_reported_when_length_separates_wins_from_losses():
+    """The candidate wins exactly the pairs where its answer is shorter: the GLM's maximum is at infinity, and a
+    number printed from a penalised fit would be made up."""
+    delta = np.arange(-20, 20)
+    wins = (delta < 0).astype(float)
+    lc = analyze_sweep.lc_win_rate(wins, 100 + delta, np.full(delta.size, 100), n_boot=50)
+    assert lc["lc_win_rate"] is None and "not identifiable" in lc["note"]
+    # one outcome throughout: nothing for length to explain, LC is the raw rate
+    assert analyze_sweep.lc_win_rate(np.ones(40), 100 + delta, np.full(40, 100), n_boot=50)["lc_win_rate"] == 1.0
+
+
+def test_best_run_is_among_completed_runs_and_ties_are_all_named(sweep, tmp_path):
+    info = json.loads((sweep / "beta0.5_seed0" / "run.json").read_text())
+    (sweep / "beta0.5_seed0" / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    analyse(sweep, tmp_path / "report")
+    best = (tmp_path / "report" / "summary.md").read_text().split("Best run per criterion")[1]
+    assert "beta0.5_seed0" not in best  # its margin is the largest, but it has not finished
+    assert "| highest eval reward accuracy | beta0.1_seed0, beta0.1_seed1 | 0.7500 |" in best
+
+
+def test_several_seeds_and_loss_types_are_all_drawn(tmp_path):
+    s = tmp_path / "logs" / "grid"
+    write_run(s, "sft", config("sft", loss="sft"), [{"step": 1, "split": "train", "loss": 2.0}])
+    for loss in ("sigmoid", "ipo"):
+        for beta in (0.1, 1):
+            for seed in (0, 1, 2):
+                name = f"{loss}_beta{beta}_seed{seed}"
+                cfg = config(name, beta, seed)
+                cfg["loss"]["type"] = loss
+                write_run(s, name, cfg, dpo_rows(margin=lambda k, b=beta, sd=seed: 0.01 * k * (1 + sd) / b))
+                write_judgments(s, name, ["candidate"] * (10 + seed) + ["baseline"] * 10, summary=True)
+    table = analyse(s, tmp_path / "report")
+    assert len(table) == 13 and set(table["loss"]) == {"sft", "sigmoid", "ipo"} and set(table["beta"].dropna()) == {0.1, 1}
+    styles = analyze_sweep.run_styles(table[table["loss"] != "sft"].reset_index())
+    assert len({(table.loc[r, "beta"], styles[r]) for r in table.index if r != "sft"}) == 12, "no run hidden behind another"
+    for name in FIGURES[:5]:
+        assert (tmp_path / "report" / "figures" / f"{name}.png").is_file()
+    assert "β ∈ {0.1, 1}" in (tmp_path / "report" / "README.md").read_text()
 
 
 def test_a_judge_no_better_than_chance_is_called_out(sweep, tmp_path):
@@ -304,10 +408,26 @@ def test_bad_inputs_get_one_line_errors(sweep, tmp_path, capsys):
     assert f"{path}: line 4 is not valid JSON" in out
     assert "beta0.5_seed0/run.json: not readable JSON" in out
     assert table.loc["beta0.5_seed0", "status"] == "unreadable" and table.loc["beta0.1_seed0", "status"] == "completed"
+    # a malformed verdict file, a corrupt sweep record: named, that comparison left out, the rest reported
     bad = sweep / "judgments" / "beta0.1_seed0.jsonl"
-    bad.write_text('{"no_key": 1}\n')
-    assert analyze_sweep.main(["--sweep", str(sweep), "--out", str(tmp_path / "r2")]) == 2
-    assert f"{bad}: not a judge.py verdict file" in capsys.readouterr().err
+    bad.write_text(bad.read_text() + '{"no_key": 1}\n')
+    (sweep / "sweep.json").write_text("[1, 2")
+    table = analyse(sweep, tmp_path / "r2")
+    out = capsys.readouterr().out
+    assert f"{bad}: line 102 is not a judge.py verdict row (no 'key')" in out
+    assert pd.isna(table.loc["beta0.1_seed0", "win_rate"]) and table.loc["beta0.1_seed1", "win_rate"] == 0.5
+    report = (tmp_path / "r2" / "README.md").read_text()
+    assert f"unreadable: {sweep / 'sweep.json'}: not readable JSON" in report and f"unreadable: {bad}: line 102" in report
+    # a run folder with metrics and nothing else: tabled (beta unknown), named, never plotted against beta
+    (sweep / "stray").mkdir()
+    (sweep / "stray" / "metrics.jsonl").write_text(json.dumps(dpo_rows()[0]) + "\n")
+    table = analyse(sweep, tmp_path / "r3")
+    assert table.loc["stray", "status"] == "running" and pd.isna(table.loc["stray", "beta"])
+    assert "stray: no config.yaml" in capsys.readouterr().out
+    # --out naming a file
+    (tmp_path / "afile").write_text("x")
+    assert analyze_sweep.main(["--sweep", str(sweep), "--out", str(tmp_path / "afile")]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
 
 
 def test_never_imports_torch_or_vllm(sweep, tmp_path):
