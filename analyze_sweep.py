@@ -713,10 +713,21 @@ def _scatter(ax, x, y, colour, flagged, marker="o", yerr=None, label=None):
         ax.plot([x], [y], **kwargs)
 
 
+def _points_vs_beta(ax, dpo: pd.DataFrame, column: str, styles: dict, colours: dict, low: str = "", high: str = "") -> None:
+    """One point per run at its beta (offset per run_styles), with its CI when low/high columns are named."""
+    for _, r in dpo.iterrows():
+        if pd.notna(r[column]):
+            marker, factor = styles[r["run"]]
+            _scatter(ax, r["beta"] * factor, r[column], colours[r["beta"]], bool(r["flags"]), marker,
+                     _errors(r[column], r[low], r[high]) if low else None)
+
+
 def _loss_legend(ax, dpo: pd.DataFrame, styles: dict) -> None:
+    """Legend entries for the loss types' markers (when there are several), then the legend if it has any entry."""
     if dpo["loss"].nunique() > 1:
         for loss, group in dpo.groupby("loss"):
             ax.plot([], [], styles[group["run"].iloc[0]][0], color="black", markersize=4, linestyle="none", label=loss)
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(frameon=False, loc="best")
 
 
@@ -740,10 +751,7 @@ def final_vs_beta_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[
         for loss_i, (loss, group) in enumerate(dpo.groupby("loss")):
             means = group.groupby("beta")[column].mean()
             ax.plot(means.index, means.values, LINESTYLES[loss_i % 4], color="grey", linewidth=0.8)
-            for _, r in group.iterrows():
-                if pd.notna(r[column]):
-                    marker, factor = styles[r["run"]]
-                    _scatter(ax, r["beta"] * factor, r[column], colours[r["beta"]], bool(r["flags"]), marker)
+        _points_vs_beta(ax, dpo, column, styles, colours)
         if column == "eval_accuracy":
             ax.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
         beta_axis(ax, dpo["beta"])
@@ -765,11 +773,7 @@ def win_rate_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[Path]
     for ax, (point, low, high, title) in zip(axes, [
             ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "win rate vs SFT"),
             ("lc_win_rate", "lc_ci_low", "lc_ci_high", "length-controlled win rate")]):
-        for _, r in dpo.iterrows():
-            if pd.notna(r[point]):
-                marker, factor = styles[r["run"]]
-                _scatter(ax, r["beta"] * factor, r[point], colours[r["beta"]], bool(r["flags"]), marker,
-                         _errors(r[point], r[low], r[high]))
+        _points_vs_beta(ax, dpo, point, styles, colours, low, high)
         ax.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
         beta_axis(ax, dpo["beta"])
         ax.set_ylim(-0.02, 1.02)
@@ -795,10 +799,7 @@ def frontier_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[Path]
                  _errors(r["win_rate"], r["win_rate_ci_low"], r["win_rate_ci_high"]))
     for beta in sorted(dpo["beta"].unique()):
         ax.plot([], [], "s", color=colours[beta], markersize=4, linestyle="none", label=f"β={beta:g}")
-    if dpo["loss"].nunique() > 1:
-        for loss, group in dpo.groupby("loss"):
-            ax.plot([], [], styles[group["run"].iloc[0]][0], color="black", markersize=4, linestyle="none", label=loss)
-    ax.legend(frameon=False, loc="best")
+    _loss_legend(ax, dpo, styles)
     ax.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
     ax.xaxis.set_major_locator(MaxNLocator(4))
     ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))
