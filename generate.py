@@ -583,6 +583,14 @@ def generate_all(engine, requests: list[Request], spec: ModelSpec, args, setting
     bar.close()
 
 
+def engine_rules(args) -> list[tuple[str, bool, str]]:
+    """(flag, holds, rule) for the engine flags generate.py and judge.py share (0 = the engine's default)."""
+    return [("--batch-size", args.batch_size >= 0, ">= 1"),
+            ("--max-model-len", args.max_model_len == 0 or args.max_model_len >= 2, ">= 2"),
+            ("--tensor-parallel-size", args.tensor_parallel_size >= 0, ">= 1"),
+            ("--gpu-memory-utilization", 0 <= args.gpu_memory_utilization <= 1, "in (0, 1]")]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint folder, LoRA adapter folder or hub id")
@@ -612,10 +620,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     for flag, ok, rule in (("--n", args.n >= 1, ">= 1"), ("--temperature", args.temperature >= 0, ">= 0"),
                            ("--top-p", 0 < args.top_p <= 1, "in (0, 1]"), ("--max-new-tokens", args.max_new_tokens >= 1, ">= 1"),
-                           ("--batch-size", args.batch_size >= 0, ">= 1"), ("--limit", args.limit >= 0, ">= 0"),
-                           ("--max-model-len", args.max_model_len == 0 or args.max_model_len >= 2, ">= 2"),
-                           ("--tensor-parallel-size", args.tensor_parallel_size >= 0, ">= 1"),
-                           ("--gpu-memory-utilization", 0 <= args.gpu_memory_utilization <= 1, "in (0, 1]")):
+                           ("--limit", args.limit >= 0, ">= 0"), *engine_rules(args)):
         if not ok:
             p.error(f"{flag} must be {rule}")
     if 0 < args.temperature < 1e-3:

@@ -37,8 +37,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from config import UserInputError
-from generate import (OutputLock, context_length, digest, heldout_pairs, left_pad, model_config, shared_data,
-                      start_vllm, stop_token_ids, subset, vllm_available)
+from generate import (OutputLock, context_length, digest, engine_rules, heldout_pairs, left_pad, model_config,
+                      shared_data, start_vllm, stop_token_ids, subset, vllm_available)
 from jsonl import append_jsonl, read_jsonl, repair_tail
 
 LETTERS = ("A", "B", "C")
@@ -1026,11 +1026,7 @@ def parse_args(argv=None):
                            ("--request-timeout", args.request_timeout > 0, "> 0"),
                            ("--max-new-tokens", args.max_new_tokens >= 1, ">= 1"), ("--retries", args.retries >= 0, ">= 0"),
                            ("--retry-temperature", args.retry_temperature > 0, "> 0"), ("--limit", args.limit >= 0, ">= 0"),
-                           ("--calibration-limit", args.calibration_limit >= 0, ">= 0"),
-                           ("--batch-size", args.batch_size >= 0, ">= 1"),
-                           ("--max-model-len", args.max_model_len == 0 or args.max_model_len >= 2, ">= 2"),
-                           ("--tensor-parallel-size", args.tensor_parallel_size >= 0, ">= 1"),
-                           ("--gpu-memory-utilization", 0 <= args.gpu_memory_utilization <= 1, "in (0, 1]")):
+                           ("--calibration-limit", args.calibration_limit >= 0, ">= 0"), *engine_rules(args)):
         if not ok:
             p.error(f"{flag} must be {rule}")
     if args.base_url and args.engine not in ("auto", "openai"):
