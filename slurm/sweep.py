@@ -1074,15 +1074,37 @@ def generation_spec(t: GenTarget) -> dict:
             "marker": str(t.out.with_suffix(".done.json"))}
 
 
+def say_stage_plan(targets: list, executor: str, say) -> None:
+    """One line per generation or judging target: what this launch does with it."""
+    for t in targets:
+        verb = {"completed": "skip", "active": "wait", "submit": "SUBMIT", "blocked": "skip",
+                "waiting": "SUBMIT" if executor == "slurm" else "wait"}[t.state]
+        say(f"  {verb:6} {t.name:24} {t.detail}")
+
+
+def open_submission(args, out: Path, record: dict, stage: str, say):
+    """(code snapshot, remember) for a generation or judging launch: the snapshot its jobs run, and remember(key,
+    job_id, executor), which files each job in the sweep record the moment it is accepted."""
+    code = snapshot_code(out)
+    say(f"code snapshot: {code}")
+    submission = {"time": _now(), "config": args.config, "code": str(code), "executor": args.executor,
+                  "stage": stage, "jobs": {}}
+    record["submissions"].append(submission)
+
+    def remember(key: str, job_id: str, kind: str) -> None:
+        record["jobs"][key] = {"job_id": job_id, "executor": kind, "submitted": _now()}
+        submission["jobs"][key] = job_id
+        write_record(out, record)
+
+    return code, remember
+
+
 def submit_generation(args, sweep: Sweep, jobs: list[Job], out: Path, say) -> int:
     """Answers for the SFT model and every DPO run: one array for the models that are finished, one waiting
     (afterany) on the training jobs still queued or running; locally, the finished models one after another."""
     record, states, targets = generation_state(sweep, jobs, out, args.config)
     say(f"sweep {sweep.name}: answers for {len(targets)} model(s) in {out / 'generations'}/")
-    for t in targets:
-        verb = {"completed": "skip", "active": "wait", "submit": "SUBMIT", "blocked": "skip",
-                "waiting": "SUBMIT" if args.executor == "slurm" else "wait"}[t.state]
-        say(f"  {verb:6} {t.name:24} {t.detail}")
+    say_stage_plan(targets, args.executor, say)
     todo = [t for t in targets if t.state in ("submit", "waiting")]
     if args.executor != "slurm":
         todo = [t for t in todo if t.state == "submit"]
@@ -1092,17 +1114,7 @@ def submit_generation(args, sweep: Sweep, jobs: list[Job], out: Path, say) -> in
         return 0 if args.dry_run or not any(t.state == "blocked" for t in targets) else 1
     if "heldout" in sweep.generate.prompts:
         heldout_config(jobs, out, args.config, write=True)
-    code = snapshot_code(out)
-    say(f"code snapshot: {code}")
-    submission = {"time": _now(), "config": args.config, "code": str(code), "executor": args.executor,
-                  "stage": "generate", "jobs": {}}
-    record["submissions"].append(submission)
-
-    def remember(key: str, job_id: str, kind: str) -> None:
-        record["jobs"][key] = {"job_id": job_id, "executor": kind, "submitted": _now()}
-        submission["jobs"][key] = job_id
-        write_record(out, record)
-
+    code, remember = open_submission(args, out, record, "generate", say)
     stage_slurm = {**sweep.generate.slurm, "nodes": 1}
     if args.executor == "slurm":
         ready = [t for t in todo if t.state == "submit"]
@@ -1270,10 +1282,7 @@ def submit_judging(args, sweep: Sweep, jobs: list[Job], out: Path, say) -> int:
     waiting (afterany) on it and on generation jobs still queued or running; locally, one after another."""
     record, states, targets = judging_state(sweep, jobs, out, args.config)
     say(f"sweep {sweep.name}: judge {sweep.judge.judge_model} on {len(targets)} target(s) in {out / 'judgments'}/")
-    for t in targets:
-        verb = {"completed": "skip", "active": "wait", "submit": "SUBMIT", "blocked": "skip",
-                "waiting": "SUBMIT" if args.executor == "slurm" else "wait"}[t.state]
-        say(f"  {verb:6} {t.name:24} {t.detail}")
+    say_stage_plan(targets, args.executor, say)
     todo = [t for t in targets if t.state in ("submit", "waiting")]
     if args.executor != "slurm":
         todo = [t for t in todo if t.state == "submit" or all(d in todo or d.state == "completed" for d in t.deps)]
@@ -1283,17 +1292,7 @@ def submit_judging(args, sweep: Sweep, jobs: list[Job], out: Path, say) -> int:
         return 0 if args.dry_run or not any(t.state == "blocked" for t in targets) else 1
     if any(c.startswith("heldout") for c in sweep.judge.calibrate):
         heldout_config(jobs, out, args.config, write=True)
-    code = snapshot_code(out)
-    say(f"code snapshot: {code}")
-    submission = {"time": _now(), "config": args.config, "code": str(code), "executor": args.executor,
-                  "stage": "judge", "jobs": {}}
-    record["submissions"].append(submission)
-
-    def remember(key: str, job_id: str, kind: str) -> None:
-        record["jobs"][key] = {"job_id": job_id, "executor": kind, "submitted": _now()}
-        submission["jobs"][key] = job_id
-        write_record(out, record)
-
+    code, remember = open_submission(args, out, record, "judge", say)
     stage_slurm = {**sweep.judge.slurm, "nodes": 1}
     task = GenerateJob(str(code), os.getcwd(), dict(sweep.launch.env))
     if args.executor == "slurm":
