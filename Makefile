@@ -1,8 +1,9 @@
 # The two commands (see README):
-#   make demo   set up .venv and the default model, then run the embedded default sweep (SFT + 3 DPO runs, local)
-#               answer the held-out and MT-Bench prompts with all four models (vLLM), then judge each DPO run
-#               against SFT (SmolLM2 as a stand-in judge) with the judge's calibration on LLMBar and held-out HH,
-#               then write the report (figures, tables) to report/default/
+#   make demo   set up .venv and the default model, then run the whole loop on the embedded default with
+#               pipeline.py: SFT on SmolLM2-135M + HH, reference log-probs, DPO at three betas, answers from all four
+#               models (vLLM), the stand-in judge's calibration on LLMBar and its verdicts against SFT, and the report
+#               in report/default/. On the local Slurm cluster when it is up, local processes otherwise; a second
+#               run skips every finished stage.
 #   make test   set up .venv with test dependencies, then run the whole test suite (what .ci/run calls)
 PY := .venv/bin/python
 
@@ -11,14 +12,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	$(PY) train_dpo.py --config configs/default.yaml --dry-run
-	$(PY) slurm/sweep.py --config configs/sweep_default.yaml --executor local
-	$(PY) slurm/sweep.py --config configs/sweep_default.yaml --status
-	$(PY) slurm/sweep.py --config configs/sweep_default.yaml --executor local --generate
-	$(PY) slurm/sweep.py --config configs/sweep_default.yaml --generate --status
-	$(PY) slurm/sweep.py --config configs/sweep_default.yaml --executor local --judge
-	$(PY) slurm/sweep.py --config configs/sweep_default.yaml --judge --status
-	$(PY) analyze_sweep.py --sweep logs/default
+	$(PY) pipeline.py --config configs/sweep_default.yaml
 
 # The local Slurm cluster comes up before the tests and goes down after them, pass or fail.
 test:

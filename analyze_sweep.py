@@ -30,7 +30,7 @@ from config import UserInputError
 from jsonl import read_jsonl
 from judge import SCORE, bootstrap_ci, combine, summary_path, unswap
 
-NOT_RUNS = {"configs", "code", "generations", "judgments", "submitit", "ref_cache"}
+NOT_RUNS = {"configs", "code", "generations", "judgments", "submitit", "ref_cache", "replaced"}
 # (metrics.jsonl key, axis label with unit); rewards are beta * log(pi/pi_ref) summed over the response, in nats
 CURVES = [("loss", "loss (nats)"), ("rewards/margins", "reward margin (nats)"),
           ("rewards/accuracies", "reward accuracy"), ("rewards/chosen", "chosen reward (nats)"),

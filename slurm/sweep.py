@@ -7,6 +7,8 @@
     python slurm/sweep.py --config configs/sweep_default.yaml --status          # where every run stands
     python slurm/sweep.py --config configs/sweep_default.yaml --cancel          # cancel the sweep's jobs
     python slurm/sweep.py --config configs/sweep_default.yaml slurm.partition=gpu grid.loss.beta=[0.05,0.1]
+    python slurm/sweep.py --config configs/sweep_default.yaml --generate | --judge | --analyze   # the later stages
+    python pipeline.py --config configs/sweep_default.yaml                       # every stage, one command
 
 The sweep YAML names a base training config, overrides for every run, a grid (any training config key) and Slurm
 resources. Runs get readable names from the grid (`beta0.1_seed0`) and write to <root>/<name>/<run>/; the SFT
@@ -214,6 +216,8 @@ class Sweep:
     """The training config every run starts from (configs/*.yaml)."""
     root: str = "logs"
     """Folder holding sweeps; on a cluster it must be shared storage that every node sees."""
+    report: str = ""
+    """Folder the analysis writes the report to; empty: report/<name>."""
     overrides: dict[str, typing.Any] = field(default_factory=dict)
     """Training config keys for every stage (SFT, reference, DPO)."""
     grid: dict[str, list] = field(default_factory=dict)
@@ -1033,6 +1037,8 @@ class GenerateJob(submitit.helpers.Checkpointable):
         cmd = [sys.executable, str(Path(self.code_dir) / script), *spec["argv"]]
         # the answers as judge.py reads them: answers rewritten while it runs are not recorded as judged
         marker = judging_marker(spec["argv"], spec["inputs"]) if script == "judge.py" else None
+        if script == "analyze_sweep.py":  # the files the report is made from, as they are when it starts
+            marker = analysis_marker(spec["argv"], Path(spec["sweep"]))
         print("+ " + shlex.join(cmd), flush=True)
         errors: list[str] = []
         try:
@@ -1052,6 +1058,9 @@ class GenerateJob(submitit.helpers.Checkpointable):
         if script == "judge.py":
             Path(spec["marker"]).write_text(json.dumps(marker))
             return {"mode": "judge", "out": spec["out"], "verdicts": len(read_jsonl(spec["out"]))}
+        if script == "analyze_sweep.py":
+            Path(spec["marker"]).write_text(json.dumps(marker))
+            return {"mode": "analyze", "out": spec["out"]}
         Path(spec["marker"]).write_text(json.dumps(generation_marker(spec["argv"], spec["model"])))
         return {"mode": "generate", "out": spec["out"], "answers": len(read_jsonl(spec["out"]))}
 
@@ -1362,15 +1371,116 @@ def judging_status(sweep: Sweep, jobs: list[Job], out: Path, sweep_file: str) ->
     print_table(rows, {k: k for k in rows[0]})
 
 
+# ---------------------------------------------------------------- analysis stage (--analyze)
+
+ANALYSIS_SKIPS = {"submitit", "code", "ref_cache", "checkpoints", "final", "replaced"}  # never read by the analysis
+ANALYSIS_MARKER = "analysis.done.json"
+
+
+def analysis_marker(argv: list, out: Path) -> dict:
+    """The report's arguments and the names, sizes and mtimes of every file under the sweep folder that the analysis
+    may read (not models, checkpoints, code snapshots, logs or the job record): the same files make the same report."""
+    files = []
+    for folder, dirs, names in os.walk(out):
+        dirs[:] = [d for d in dirs if d not in ANALYSIS_SKIPS]
+        for name in names:
+            if name in ("sweep.json", ".lock", ANALYSIS_MARKER) or ".tmp" in name or name.endswith(".lock"):
+                continue
+            with contextlib.suppress(FileNotFoundError):  # a temporary file renamed while we look
+                st = (Path(folder) / name).stat()
+                files.append((str(Path(folder, name).relative_to(out)), st.st_size, st.st_mtime_ns))
+    digest = hashlib.sha256(json.dumps(sorted(files)).encode()).hexdigest()[:16]
+    return {"argv": argv, "inputs": digest, "files": len(files)}
+
+
+@dataclass
+class AnalysisTarget:
+    """analyze_sweep.py over the sweep folder, writing report/<name>/."""
+    key: str
+    name: str
+    out: Path             # the report folder
+    argv: list
+    sweep: Path
+    after: list = field(default_factory=list)  # Slurm job ids of the sweep still queued or running
+    state: str = ""       # completed | active | submit (nothing it reads is being made) | waiting (jobs still run)
+    detail: str = ""
+    job_id: str = ""
+
+
+def analysis_state(sweep: Sweep, jobs: list[Job], out: Path, sweep_file: str):
+    """(job record, scheduler states, the analysis target): the report is complete while its marker matches the
+    sweep's files; it waits while any job of the sweep is queued or running."""
+    record, states, judge_targets = judging_state(sweep, jobs, out, sweep_file)
+    report = Path(sweep.report or Path("report") / sweep.name)
+    t = AnalysisTarget("analyze", "report", report, ["--sweep", str(out), "--out", str(report)], out)
+    t.job_id = record["jobs"].get(t.key, {}).get("job_id", "")
+    active = [record["jobs"][k] for k, s in states.items() if s in ACTIVE_STATES and k != t.key]
+    busy = sorted({r["job_id"] for r in active})
+    t.after = sorted({r["job_id"].split("_")[0] for r in active if r.get("executor") == "slurm"})
+    if _read_json(out / ANALYSIS_MARKER) == analysis_marker(t.argv, out) and (report / "README.md").is_file():
+        t.state, t.detail = "completed", f"{report}/README.md is made from the sweep's current files"
+    elif states.get(t.key) in ACTIVE_STATES:
+        t.state, t.detail = "active", f"job {t.job_id} is {states[t.key]}"
+    elif busy:
+        t.state, t.detail = "waiting", f"after jobs {', '.join(busy)} end"
+    else:
+        t.state, t.detail = "submit", "every job of the sweep has ended"
+    return record, states, t
+
+
+def submit_analysis(args, sweep: Sweep, jobs: list[Job], out: Path, say) -> int:
+    """The report, once nothing it reads is still being made: on Slurm one CPU job waiting (afterany) on every job of
+    the sweep still queued or running; locally, now."""
+    record, states, t = analysis_state(sweep, jobs, out, args.config)
+    say(f"sweep {sweep.name}: report in {t.out}/")
+    verb = {"completed": "skip", "active": "wait", "submit": "SUBMIT",
+            "waiting": "SUBMIT" if args.executor == "slurm" else "wait"}[t.state]
+    say(f"  {verb:6} {t.name:24} {t.detail}")
+    if args.dry_run or t.state in ("completed", "active") or (t.state == "waiting" and args.executor != "slurm"):
+        say("dry run: nothing submitted" if args.dry_run else "nothing to submit")
+        return 0
+    code, remember = open_submission(args, out, record, "analyze", say)
+    spec = {"key": t.key, "script": "analyze_sweep.py", "argv": t.argv, "out": str(t.out), "sweep": str(out),
+            "marker": str(out / ANALYSIS_MARKER)}
+    task = GenerateJob(str(code), os.getcwd(), dict(sweep.launch.env))
+    cpu_only = {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 4, "timeout_min": 30}
+    if args.executor == "slurm":
+        deps = t.after if t.state == "waiting" else []
+        executor, _ = make_executor("slurm", out, code, sweep, cpu_only, deps, dependency_type="afterany")
+        try:
+            handle = executor.submit(task, spec)
+        except submitit.core.utils.FailedJobError as e:
+            raise UserInputError(f"sbatch refused the job: {str(e).strip()}") from None
+        remember(t.key, handle.job_id, "slurm")
+        say(f"submitted the analysis as job {handle.job_id}" + (f" (after jobs {', '.join(deps)} end)" if deps else ""))
+        return 0
+    executor, _ = make_executor(args.executor, out, code, sweep, cpu_only)
+    handle = executor.submit(task, spec)
+    remember(t.key, str(handle.job_id), args.executor)
+    say(f"started the analysis ({args.executor} job {handle.job_id})")
+    try:
+        handle.result()
+    except Exception as e:
+        say(f"analysis FAILED: {failure_line(e)}" + (f"; log: {handle.paths.stderr}" if args.executor == "local" else ""))
+        return 1
+    say(f"report: {t.out}/README.md")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 
-def submit(args, sweep: Sweep, jobs: list[Job], out: Path, say) -> int:
+def submit(args, sweep: Sweep, jobs: list[Job], out: Path, say, kinds=("sft", "reference", "dpo")) -> int:
+    """The training stages named in `kinds` (pipeline.py launches them one kind at a time): on Slurm chained to
+    whatever earlier stage is still queued; locally one after another."""
     record = read_record(out)
     states = scheduler_states(record, out)
     classify(jobs, record, states)
-    say(f"sweep {sweep.name}: {len([j for j in jobs if j.kind == 'dpo'])} DPO run(s) in {out}/")
     for job in jobs:
+        if job.kind not in kinds and job.state == "submit":
+            job.state = "held"  # another stage's job: neither submitted nor waited for by this launch
+    say(f"sweep {sweep.name}: {len([j for j in jobs if j.kind == 'dpo'])} DPO run(s) in {out}/")
+    for job in (j for j in jobs if j.kind in kinds):
         verb = {"completed": "skip", "active": "wait", "submit": "SUBMIT"}[job.state]
         say(f"  {verb:6} {job.kind:9} {job.key:24} {job.detail}")
     r = sweep.slurm
@@ -1426,10 +1536,14 @@ def main(argv=None) -> int:
     parser.add_argument("--judge", action="store_true",
                         help="the judging stage: calibration, then every DPO run's answers against SFT's (with "
                              "--dry-run, --status: its plan, its table)")
+    parser.add_argument("--analyze", action="store_true",
+                        help="the analysis stage: report/<name>/ from the sweep folder once its jobs have ended "
+                             "(with --status: whether the report is current)")
     parser.add_argument("overrides", nargs="*", help="sweep overrides: slurm.partition=gpu grid.loss.beta=[0.1,0.3]")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
-    if args.generate and args.judge:
-        parser.error("--generate and --judge are separate stages: run one, then the other")
+    if args.generate + args.judge + args.analyze > 1:
+        parser.error("--generate, --judge and --analyze are separate stages: run one, then the next "
+                     "(python pipeline.py runs them all)")
 
     def say(message: str) -> None:
         print(f"[sweep {datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
@@ -1438,6 +1552,12 @@ def main(argv=None) -> int:
         sweep = load_sweep(args.config, args.overrides)
         jobs = build_plan(sweep, args.config)
         out = sweep_dir(sweep)
+        if args.analyze and args.status:
+            _, states, t = analysis_state(sweep, jobs, out, args.config)
+            print_table([{"target": t.name, "job": t.job_id or "-", "state": states.get(t.key, "-"),
+                          "done": "yes" if t.state == "completed" else "no", "detail": t.detail}],
+                        {k: k for k in ("target", "job", "state", "done", "detail")})
+            return 0
         if (args.generate or args.judge) and args.status:
             (judging_status if args.judge else generation_status)(sweep, jobs, out, args.config)
             return 0
@@ -1454,7 +1574,8 @@ def main(argv=None) -> int:
                                  "the local cluster: bash slurm/local_cluster.sh up && eval \"$(bash "
                                  "slurm/local_cluster.sh env)\"")
         with sweep_lock(out, shared=args.dry_run):  # plan and submit under one lock: no run submitted twice
-            stage = submit_judging if args.judge else submit_generation if args.generate else submit
+            stage = (submit_analysis if args.analyze else submit_judging if args.judge
+                     else submit_generation if args.generate else submit)
             return stage(args, sweep, jobs, out, say)
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -235,24 +235,27 @@ def test_slurm_executor_without_sbatch_says_what_to_do(tmp_path):
 # ---------------------------------------------------------------- on the real local Slurm cluster
 
 
+def pipeline(*args, timeout=900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "pipeline.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 @pytest.fixture(scope="module")
 def finished_sweep(cluster, tmp_path_factory):
-    """The tiny sweep (SFT, reference, 2 betas x 1 seed) submitted to Slurm and run to the end."""
+    """The whole loop on the tiny sweep (SFT, reference, 2 betas x 1 seed, answers, judging, report) submitted to
+    Slurm by pipeline.py, which follows the jobs to the end: training, then `--generate` waiting on it, `--judge`
+    waiting on that, and the analysis job waiting on everything."""
     root = tmp_path_factory.mktemp("slurm")
-    result = launcher("--config", SWEEP, f"root={root}")
-    assert result.returncode == 0, result.stdout + result.stderr
-    generation = launcher("--config", SWEEP, f"root={root}", "--generate")  # waits on the training jobs
-    assert generation.returncode == 0, generation.stdout + generation.stderr
-    judging = launcher("--config", SWEEP, f"root={root}", "--judge")  # waits on the generation jobs
-    assert judging.returncode == 0, judging.stdout + judging.stderr
+    result = pipeline("--config", SWEEP, f"root={root}", f"report={root}/report", "--progress-s", "2")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     states = wait_for_jobs(root, "sweep_tiny")
-    return root, result.stdout + generation.stdout + judging.stdout, states
+    return root, result.stdout, states
 
 
 def test_slurm_sweep_runs_sft_reference_and_one_array(finished_sweep):
     root, output, states = finished_sweep
     out = root / "sweep_tiny"
-    assert {k: v for k, v in states.items() if not k.startswith(("generate/", "judge/"))} == {
+    assert {k: v for k, v in states.items() if not k.startswith(("generate/", "judge/", "analyze"))} == {
         "sft": "COMPLETED", "reference-0": "COMPLETED", "beta0.1_seed0": "COMPLETED", "beta0.5_seed0": "COMPLETED"}
     jobs = record(root, "sweep_tiny")["jobs"]
     array_ids = [jobs[r]["job_id"] for r in ("beta0.1_seed0", "beta0.5_seed0")]
@@ -381,6 +384,41 @@ def test_analysis_of_the_real_tiny_sweep(finished_sweep, tmp_path):
     assert "configs/sweep_tiny.yaml" in report and "β ∈ {0.1, 0.5}" in report
 
 
+def test_pipeline_ran_every_stage_on_slurm_and_showed_progress(finished_sweep):
+    root, output, states = finished_sweep
+    out = root / "sweep_tiny"
+    assert "executor slurm (the Slurm controller answers)" in output  # --executor auto found the cluster
+    jobs = record(root, "sweep_tiny")["jobs"]
+    assert set(states.values()) == {"COMPLETED"} and "analyze" in states, states
+    judge_arrays = {jobs[k]["job_id"].split("_")[0] for k in jobs if k.startswith("judge/")}
+    analysis_line = next(line for line in output.splitlines() if "submitted the analysis as job" in line)
+    assert all(j in analysis_line for j in judge_arrays), analysis_line  # queued behind the judging jobs
+    progress = [line for line in output.splitlines() if line.startswith("[pipeline") and "| sft " in line]
+    assert len(progress) >= 3, output[-3000:]  # a line whenever a stage moved
+    assert "dpo 2/2 done" in progress[-1] and progress[-1].endswith("analyze done")
+    assert "every stage finished" in output
+    report = root / "report"
+    assert "beta0.5_seed0" in (report / "README.md").read_text()
+    assert (report / "figures" / "win_rate_vs_beta.png").stat().st_size > 10_000
+    marker = json.loads((out / "analysis.done.json").read_text())
+    assert marker == sweep.analysis_marker(["--sweep", str(out), "--out", str(report)], out)
+    status = pipeline("--config", SWEEP, f"root={root}", f"report={report}", "--status")
+    rows = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[1:]}
+    assert rows == {s: "completed" for s in ("prepare", "sft", "reference", "dpo", "generate", "judge", "analyze")}
+
+
+def test_pipeline_second_run_skips_every_stage(finished_sweep):
+    root, _, _ = finished_sweep
+    report = root / "report" / "README.md"
+    before, written = record(root, "sweep_tiny"), report.stat().st_mtime_ns
+    again = pipeline("--config", SWEEP, f"root={root}", f"report={root}/report")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "to do:" not in again.stdout and "every stage finished" in again.stdout
+    assert "beta0.1_seed0: win rate" in again.stdout and f"report: {report}" in again.stdout
+    assert record(root, "sweep_tiny") == before, "nothing submitted"
+    assert report.stat().st_mtime_ns == written, "the report was not made again"
+
+
 def test_judging_waits_only_on_jobs_that_will_make_its_answers(tmp_path):
     """A comparison is queued behind generation jobs queued on Slurm; answers nobody is making block it."""
     def gen(name, state, executor="slurm"):
@@ -437,6 +475,26 @@ def test_a_changed_config_over_a_finished_run_is_refused(finished_sweep):
     result = launcher("--config", SWEEP, f"root={root}", "overrides.train.lr=0.002")
     assert result.returncode == 2
     assert "beta0.1_seed0 holds a run of a different config (train.lr: 0.001 -> 0.002)" in result.stderr
+
+
+def test_pipeline_redo_sets_a_stage_and_everything_after_it_aside(finished_sweep):
+    """The last test on the finished sweep: --redo generate moves answers, verdicts and the report's record to
+    replaced/<time>/ (nothing deleted); --stage prepare then runs nothing else, and --status shows them to do."""
+    root, _, _ = finished_sweep
+    out = root / "sweep_tiny"
+    answers = sorted(p.name for p in (out / "generations").iterdir())
+    result = pipeline("--config", SWEEP, f"root={root}", f"report={root}/report", "--redo", "generate",
+                      "--stage", "prepare", "--executor", "local")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (moved,) = (out / "replaced").iterdir()
+    assert sorted(p.name for p in (moved / "generations").iterdir()) == answers
+    assert (moved / "judgments" / "calibration.summary.json").is_file() and (moved / "analysis.done.json").is_file()
+    assert not (out / "generations").exists() and (out / "beta0.1_seed0" / "final").is_dir()  # training stays
+    status = pipeline("--config", SWEEP, f"root={root}", f"report={root}/report", "--status")
+    rows = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[1:]}
+    assert rows["dpo"] == "completed" and rows["generate"] == rows["judge"] == rows["analyze"] == "todo", status.stdout
+    refused = pipeline("--config", SWEEP, f"root={root}", "--stage", "judge", "--executor", "local")
+    assert refused.returncode == 2 and "--stage judge needs generate finished first (it is todo)" in refused.stderr
 
 
 def test_preempted_run_requeues_and_ends_as_an_uninterrupted_run(cluster, tmp_path):
