@@ -16,6 +16,7 @@ Writes to output_dir: metrics.jsonl (TRL's metric names, split train/eval), conf
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -383,21 +384,58 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, state: dict, keep: in
 
 def save_final(cfg: Config, accelerator, model, tokenizer, out_dir: Path) -> None:
     """final/ in Hugging Face format, in model.dtype (bf16 rounding would erase DPO-sized updates). With LoRA:
-    final/adapter/ holds the adapter and final/ the merged model, which vLLM loads directly."""
+    final/adapter/ holds the adapter and final/ the merged model, which vLLM loads directly. Under DeepSpeed the
+    weights are those the engine computes with (bf16 with train.mixed_precision=bf16; the fp32 master weights stay in
+    checkpoints/, which DeepSpeed's zero_to_fp32.py there turns into a state dict)."""
     final, tmp = out_dir / "final", out_dir / ".tmp-final"
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = accelerator.get_state_dict(model)  # every process: under ZeRO-3 this gathers the shards to rank 0
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
         if cfg.lora.r:
             unwrapped.save_pretrained(tmp / "adapter", state_dict=state_dict)
-            unwrapped = unwrapped.merge_and_unload()
+            unwrapped = merge_lora(cfg, accelerator, unwrapped, tmp / "adapter")
             state_dict = None
         unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
+
+
+def merge_lora(cfg: Config, accelerator, model, adapter_dir: Path):
+    """The base model with the adapter merged in. Under ZeRO-3 this process holds only a shard of every base weight,
+    so the base is loaded again, whole, on this process alone, and the adapter just saved is merged into it."""
+    if not zero3(accelerator):
+        return model.merge_and_unload()
+    from peft import PeftModel
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    # While accelerate's DeepSpeed config is registered, from_pretrained shards the weights at load (zero.Init), a
+    # collective that would wait forever for the other processes. (accelerate 1.15's zero3_init_context_manager
+    # registers the config again whatever its argument.)
+    unset_hf_deepspeed_config()
+    try:
+        base = load_model(cfg.model.path, cfg.model.dtype)
+        return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def parameter_checksum(model) -> float:
+    """Sum of every parameter in float64. Under ZeRO-3 each process holds shards: every parameter is gathered in turn
+    (a collective, so every process calls this), and the sums agree across processes as they do under DDP."""
+    total = 0.0
+    for p in model.parameters():
+        if hasattr(p, "ds_id"):
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters([p])
+        else:
+            gathered = contextlib.nullcontext()
+        with gathered:
+            total += float(p.detach().double().sum())
+    return total
 
 
 # ---------------------------------------------------------------- model setup
@@ -483,6 +521,31 @@ def make_accelerator(cfg: Config):
     return accelerator
 
 
+def zero3(accelerator) -> bool:
+    """DeepSpeed ZeRO-3: parameters are sharded across processes from the moment they are loaded (zero.Init)."""
+    plugin = accelerator.state.deepspeed_plugin
+    return plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+
+
+def prepare_frozen(accelerator, model):
+    """A frozen model for forward passes only (the reference), beside or without the prepared policy. Under DeepSpeed
+    it runs in an engine of its own, as TRL's reference does: one without an optimizer, at stage 3 when the policy is
+    sharded (the reference was loaded sharded too, and the engine gathers each layer's weights when it runs), else at
+    stage 0 (ZeRO-1/2 refuse to start without an optimizer); either way in the policy engine's precision. accelerate
+    prepares one model per DeepSpeed plugin, and that one is the policy."""
+    model.requires_grad_(False)
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return model.to(accelerator.device)
+    import deepspeed
+
+    ds = plugin.deepspeed_config
+    zero = {k: v for k, v in ds["zero_optimization"].items() if v != "auto"} if zero3(accelerator) else {"stage": 0}
+    config = {"train_micro_batch_size_per_gpu": ds["train_micro_batch_size_per_gpu"], "zero_optimization": zero,
+              "bf16": {"enabled": accelerator.mixed_precision == "bf16"}}
+    return deepspeed.initialize(model=model, config=config)[0]
+
+
 def check_output_dir(cfg: Config, out_dir: Path) -> str | None:
     """'completed' if this exact config already finished here; refuses a folder used by another config."""
     run_json, saved = out_dir / "run.json", out_dir / "config.yaml"
@@ -533,8 +596,9 @@ def train(cfg: Config, log=print) -> dict:
 
     model = build_policy(cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    run_info["parameters"] = {"total": sum(p.numel() for p in model.parameters()),
-                              "trainable": sum(p.numel() for p in trainable)}
+    # under ZeRO-3 a parameter already holds only this process's shard; ds_numel is its full size
+    run_info["parameters"] = {"total": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
+                              "trainable": sum(getattr(p, "ds_numel", p.numel()) for p in trainable)}
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
                                   weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -546,8 +610,7 @@ def train(cfg: Config, log=print) -> dict:
         def get_reference():  # runs before load_state, so the policy still holds its starting weights
             if not cfg.loss.reference_path:
                 return model  # the policy is the reference (with LoRA: B starts at zero, adapters are a no-op)
-            reference = add_logps_head(load_model(cfg.loss.reference_path, cfg.model.dtype))
-            return reference.to(accelerator.device).requires_grad_(False)
+            return prepare_frozen(accelerator, add_logps_head(load_model(cfg.loss.reference_path, cfg.model.dtype)))
         ref, run_info["reference"] = reference_logps(cfg, accelerator, get_reference, train_pairs + eval_pairs,
                                                      tokenizer.pad_token_id, say)
     step, tokens_seen, elapsed_before = 0, 0, 0.0
@@ -659,8 +722,8 @@ def train(cfg: Config, log=print) -> dict:
             run_info["final_eval"] = log_eval()
         save_checkpoint(accelerator, out_dir, step, state_now(), cfg.train.keep_checkpoints)
         save_final(cfg, accelerator, model, tokenizer, out_dir)
-        checksum = sum(float(p.detach().double().sum()) for p in accelerator.unwrap_model(model).parameters())
-        run_info["parameter_checksums"] = gather_object([checksum])  # one per process: equal under DDP
+        checksum = parameter_checksum(accelerator.unwrap_model(model))
+        run_info["parameter_checksums"] = gather_object([checksum])  # one per process: equal under DDP and ZeRO
         run_info.update(status="completed", ended=now(), steps=step, tokens=tokens_seen,
                         elapsed_s=round(elapsed_before + time.time() - start, 2))
         say(f"done: {step} steps, {tokens_seen} tokens, final model in {out_dir / 'final'}")
@@ -683,16 +746,23 @@ def train(cfg: Config, log=print) -> dict:
 
 def precompute_reference(cfg: Config, log=print) -> dict:
     """Fill the reference log-prob cache for this config's data and exit (the sweep runs this once)."""
+    import torch
+
     accelerator = make_accelerator(cfg)
     say = log if accelerator.is_main_process else (lambda *_: None)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log=say)
-    _, info = reference_logps(
-        cfg, accelerator,
-        lambda: accelerator.prepare(add_logps_head(load_model(cfg.loss.reference_path or cfg.model.path, cfg.model.dtype))),
-        train_pairs + eval_pairs, tokenizer.pad_token_id, say)
+
+    def get_reference():
+        reference = add_logps_head(load_model(cfg.loss.reference_path or cfg.model.path, cfg.model.dtype))
+        if accelerator.state.deepspeed_plugin is not None:  # no optimizer here, which accelerate's DeepSpeed needs
+            return prepare_frozen(accelerator, reference)
+        return accelerator.prepare(reference)
+    _, info = reference_logps(cfg, accelerator, get_reference, train_pairs + eval_pairs, tokenizer.pad_token_id, say)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # a clean teardown keeps gloo from aborting at exit
     return info
 
 
@@ -727,6 +797,11 @@ def main(argv=None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="validate config and data, show an example, train nothing")
     mode.add_argument("--precompute-ref", action="store_true", help="fill the reference log-prob cache and exit")
+    mode.add_argument("--plan", action="store_true", help="print the per-GPU memory plan (slurm/plan.py) and exit; "
+                      "loads no data and no model")
+    parser.add_argument("--gpu", default="h100-80gb", help="with --plan: the GPU, e.g. h100-80gb, h200, a100-40gb, cpu")
+    parser.add_argument("--gpus", type=int, default=1, help="with --plan: data-parallel GPUs (DDP; slurm/plan.py "
+                        "--zero N for DeepSpeed)")
     args = parser.parse_args(argv)
     # A sweep job starts the launcher with SIGTERM/USR2 ignored so that it outlives them; we inherit that. Until the
     # training loop installs its checkpoint-and-stop handlers, these signals should end this process as usual.
@@ -735,7 +810,11 @@ def main(argv=None) -> int:
             signal.signal(sig, signal.SIG_DFL)
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.dry_run:
+        if args.plan:
+            from slurm.plan import plan_lines
+
+            print("\n".join(plan_lines(cfg, args.gpu, args.gpus, config_file=" ".join([args.config, *args.overrides]))))
+        elif args.dry_run:
             dry_run(cfg)
         elif args.precompute_ref:
             precompute_reference(cfg)

@@ -65,3 +65,18 @@ def tokenizer(default_model_dir):
 def hh_path() -> Path:
     assert HH_TEST.is_file(), f"{HH_TEST} missing: the repo expects ../shared beside it"
     return HH_TEST
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, default_model_dir):
+    """tiny_model("gpt2" | "llama" | "mistral"): the folder of a tiny random model of that architecture with the real
+    SmolLM2 tokenizer, written once per session."""
+    from models import save_tiny_model
+
+    made = {}
+
+    def folder(arch: str) -> Path:
+        if arch not in made:
+            made[arch] = save_tiny_model(arch, tmp_path_factory.mktemp("models") / f"tiny-{arch}", str(default_model_dir))
+        return made[arch]
+    return folder
