@@ -670,8 +670,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def checkpoint(self, spec: dict):
         proc = self._proc
         if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGUSR2)
+            signal_tree(proc, signal.SIGUSR2)
             deadline = time.time() + self.grace_s
             while proc.poll() is None and time.time() < deadline:
                 time.sleep(0.5)
@@ -684,18 +683,57 @@ class TrainJob(submitit.helpers.Checkpointable):
         stop_tree(self._proc)
 
 
+def descendants(proc) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def signal_tree(proc, sig, tree: list | None = None) -> None:
+    """Signal the job's process group and every process below it: torch's launcher starts each trainer of a
+    multi-process run in a session of its own, out of reach of the group's signal."""
+    import psutil
+
+    tree = descendants(proc) if tree is None else tree  # first: a launcher the signal ends takes its children's link
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    for child in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.send_signal(sig)
+
+
 def stop_tree(proc) -> None:
     """Leave no child process behind (an interrupted debug/local job, a requeue that timed out)."""
     if proc is None:
         return
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 0)):
-        deadline = time.time() + wait_s
+    import psutil
+
+    tree = descendants(proc)  # before the launcher exits and its children are re-parented out of reach
+
+    def running(p) -> bool:
         try:
-            os.killpg(proc.pid, sig)
-            while time.time() < deadline:
-                os.killpg(proc.pid, 0)
-                time.sleep(0.2)
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def alive() -> bool:
+        proc.poll()  # reaped, or the group counts its own zombie as alive
+        try:
+            os.killpg(proc.pid, 0)
+            return True
         except ProcessLookupError:
+            return any(running(p) for p in tree)
+
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 0)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            signal_tree(proc, sig, tree)
+        deadline = time.time() + wait_s
+        while alive() and time.time() < deadline:
+            time.sleep(0.2)
+        if not alive():
             return
 
 

@@ -7,11 +7,13 @@ stops it again at the end (only if it started it).
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -601,6 +603,47 @@ def test_local_and_debug_executors_run_the_same_sweep_file(tmp_path, executor):
         assert json.loads((out / "judgments" / f"{run}.summary.json").read_text())["n"] == 8
     again = launcher("--config", SWEEP, "--executor", executor, f"root={tmp_path}", "--judge")
     assert again.returncode == 0 and "nothing to submit" in again.stdout
+
+
+TRAINER = """import os, signal, sys, time
+signal.signal(signal.SIGUSR2, lambda *a: (os.close(os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY)), os._exit(0)))
+time.sleep(60)
+"""
+LAUNCHER = """import subprocess, sys, time
+subprocess.Popen([sys.executable, sys.argv[1], sys.argv[2]], start_new_session=True)
+time.sleep(60)
+"""
+
+
+def test_signals_reach_trainers_in_sessions_of_their_own(tmp_path):
+    """torch's launcher starts each trainer of a multi-process run in its own session: the checkpoint signal and the
+    final stop must reach them too, not only the launcher's process group."""
+    (tmp_path / "trainer.py").write_text(TRAINER)
+    (tmp_path / "launcher.py").write_text(LAUNCHER)
+    seen = tmp_path / "seen"
+
+    def launch():
+        proc = subprocess.Popen([sys.executable, tmp_path / "launcher.py", tmp_path / "trainer.py", seen],
+                                start_new_session=True)
+        deadline = time.time() + 20
+        while not sweep.descendants(proc) and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(3)  # the trainer's handler installed
+        return proc, sweep.descendants(proc)
+
+    proc, (trainer,) = launch()
+    sweep.signal_tree(proc, signal.SIGUSR2)
+    deadline = time.time() + 20
+    while not seen.is_file() and time.time() < deadline:
+        time.sleep(0.1)
+    assert seen.is_file(), "the trainer in its own session got the checkpoint signal"
+    proc.kill()
+    proc, (orphan,) = launch()
+    sweep.stop_tree(proc)  # SIGTERM: the trainer has no handler for it and ends
+    try:
+        assert orphan.status() == psutil.STATUS_ZOMBIE  # ended, waiting for init to reap it
+    except psutil.NoSuchProcess:
+        pass
 
 
 def test_array_states_parse_from_sacct_and_squeue(monkeypatch):
