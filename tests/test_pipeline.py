@@ -73,3 +73,13 @@ def test_redo_and_stage_names_are_checked():
     assert result.returncode == 2 and "invalid choice: 'everything'" in result.stderr
     result = run("--config", "configs/nope.yaml", "--status")
     assert result.returncode == 2 and "configs/nope.yaml" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_plan_prints_the_memory_of_every_training_job_and_runs_nothing(tmp_path):
+    result = run("--config", "configs/sweep_mistral7b.yaml", f"root={tmp_path}", "--plan", "--gpu", "h100-80gb")
+    assert result.returncode == 0, result.stderr
+    assert "8 x h100-80gb" in result.stdout and "fits h100-80gb: yes" in result.stdout
+    one_gpu = run("--config", "configs/sweep_mistral7b_full.yaml", f"root={tmp_path}", "--plan",
+                  "slurm.nodes=1", "slurm.gpus_per_node=1")
+    assert one_gpu.returncode == 0 and "fits no" in one_gpu.stdout, one_gpu.stdout + one_gpu.stderr
+    assert not any(tmp_path.iterdir()), "--plan writes nothing"
