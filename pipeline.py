@@ -26,6 +26,7 @@ import datetime
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -38,8 +39,6 @@ from config import UserInputError  # noqa: E402
 from jsonl import read_jsonl  # noqa: E402
 
 STAGES = ("prepare", "sft", "reference", "dpo", "generate", "judge", "analyze")
-REDO_OUTPUTS = {"sft": "the SFT run", "reference": "the reference log-prob cache", "dpo": "the DPO runs",
-                "generate": "the answers", "judge": "the verdicts", "analyze": "the report's record"}
 
 
 def say(message: str) -> None:
@@ -98,7 +97,7 @@ def prepare_state(sweep: sw.Sweep, jobs: list[sw.Job]) -> tuple[str, str]:
     missing = [(p, k) for p, k in local_models(sweep, jobs) if not Path(p).expanduser().is_dir()]
     if not missing:
         return "completed", "every local model is there"
-    return "submit", "to make: " + ", ".join(p for p, _ in missing)
+    return "todo", "to make: " + ", ".join(p for p, _ in missing)
 
 
 def prepare(sweep: sw.Sweep, jobs: list[sw.Job]) -> int:
@@ -183,7 +182,7 @@ class Snapshot:
 def snapshot(sweep: sw.Sweep, sweep_file: str) -> Snapshot | None:
     try:
         return Snapshot(sweep, sweep_file)
-    except (UserInputError, OSError, ValueError) as e:  # a file being rewritten; the next look will do
+    except Exception as e:  # a file caught half-written (config.yaml, run.json): the next look will do
         say(f"(could not read the sweep's state: {e})")
         return None
 
@@ -214,7 +213,8 @@ def redo(stage: str, snap: Snapshot) -> None:
              "dpo": [out / j.key for j in snap.items("dpo")],
              "generate": [out / "generations"], "judge": [out / "judgments"],
              "analyze": [out / sw.ANALYSIS_MARKER]}
-    target = out / "replaced" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    (out / "replaced").mkdir(parents=True, exist_ok=True)
+    target = Path(tempfile.mkdtemp(prefix=datetime.datetime.now().strftime("%Y%m%d-%H%M%S-"), dir=out / "replaced"))
     moved = []
     for s in later:
         for path in paths[s]:
@@ -336,7 +336,11 @@ def main(argv=None) -> int:
     parser.add_argument("--progress-s", type=float, default=15.0, help="seconds between progress checks")
     parser.add_argument("overrides", nargs="*", help="sweep overrides: slurm.partition=gpu grid.loss.beta=[0.1,0.3]")
     args = parser.parse_intermixed_args(argv)
-    started = time.time()
+    if args.progress_s <= 0:
+        parser.error(f"--progress-s {args.progress_s:g}: must be positive")
+    if args.gpu and not args.plan:
+        parser.error("--gpu goes with --plan")
+    started, out = time.time(), None
     try:
         sweep = sw.load_sweep(args.config, args.overrides)
         if args.plan:
@@ -344,8 +348,8 @@ def main(argv=None) -> int:
 
             print("\n".join(plan_sweep(args.config, args.overrides, args.gpu)))
             return 0
-        out = sw.sweep_dir(sweep)
         snap = Snapshot(sweep, args.config)
+        out = snap.out
         if args.status:
             print_status(snap)
             return 0
@@ -355,12 +359,18 @@ def main(argv=None) -> int:
         stages = [s for s in STAGES if s in (args.stage or STAGES)]
         say(f"sweep {sweep.name} ({args.config}) -> {out}/, {snap.report.out}/; executor {args.executor} ({why})")
         say(snap.line(stages))
-        if args.redo:
-            redo(args.redo, snap)
-            snap = Snapshot(sweep, args.config)
         if args.stage:
+            if args.redo and args.redo not in stages:
+                raise UserInputError(f"--redo {args.redo} makes {args.redo} again: add --stage {args.redo}, or leave "
+                                     f"out --stage")
             check_upstream(stages, snap, args.executor)
-        todo = [s for s in stages if snap.state(s) != "completed"]
+        if args.redo:
+            with sw.sweep_lock(out):
+                redo(args.redo, snap)
+            snap = Snapshot(sweep, args.config)
+        unfinished = [s for s in stages if snap.state(s) != "completed"]
+        # from the first unfinished stage on: a stage made again makes everything after it stale
+        todo = stages[stages.index(unfinished[0]):] if unfinished else []
         if not todo:
             return summary(snap, stages, {}, started)
         say(f"to do: {', '.join(todo)}")
@@ -386,6 +396,12 @@ def main(argv=None) -> int:
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # local jobs are this command's children: stop them at a step boundary
+        if out is not None and args.executor in ("local", "debug"):
+            record = sw.read_record(out)
+            sw.cancel(record, sw.scheduler_states(record, out), say)
+        say(f"interrupted; finished results stay on disk. Again: python pipeline.py --config {args.config}")
+        return 130
 
 
 if __name__ == "__main__":

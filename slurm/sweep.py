@@ -70,6 +70,7 @@ if __name__ != "__main__":  # imported (tests): jobs must still unpickle where t
 LAUNCHER_KEYS = ("output_dir", "loss.name", "loss.ref_cache_dir", "train.resume")  # set by the launcher for every run
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
+PARSE_LOCK = threading.Lock()  # redirect_stderr swaps the process-wide sys.stderr: one parse at a time
 SHORT_NAMES = {"loss.type": "", "loss.label_smoothing": "ls"}  # otherwise a key's last part: beta, seed, lr
 
 
@@ -485,7 +486,9 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     base = ",".join(sorted({j.split("_")[0] for j in job_ids}))
     states = {}
     if shutil.which("sacct"):
-        for job_id, state in _scheduler_query(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", base]):
+        rows = _scheduler_query(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", base])
+        # a task's own row wins over the pending range that still names it (123_1 RUNNING beside 123_[1-2%3] PENDING)
+        for job_id, state in sorted(rows, key=lambda row: "[" not in row[0]):
             states.update({one: state for one in _expand_array(job_id)})
     if any(j not in states for j in job_ids):
         if not shutil.which("squeue"):
@@ -711,7 +714,7 @@ def stop_tree(proc) -> None:
         return
     import psutil
 
-    tree = descendants(proc)  # before the launcher exits and its children are re-parented out of reach
+    tree = descendants(proc) if proc.poll() is None else []  # a reaped launcher's PID may be someone else's now
 
     def running(p) -> bool:
         try:
@@ -1011,7 +1014,7 @@ def generation_plan(sweep: Sweep, jobs: list[Job], sweep_file: str) -> list[GenT
               "--limit", str(g.limit), *template, *map(str, g.args)]
     errors = io.StringIO()
     try:
-        with contextlib.redirect_stderr(errors):
+        with PARSE_LOCK, contextlib.redirect_stderr(errors):
             generate.parse_args(["--model", "m", "--out", "o", *common])
     except SystemExit:
         said = (errors.getvalue().strip().splitlines() or ["generate.args asks generate.py to exit (--help?)"])[-1]
@@ -1257,7 +1260,7 @@ def judging_plan(sweep: Sweep, jobs: list[Job], sweep_file: str, gen_targets: li
     calibrate = [f"heldout:{heldout_config(jobs, out, sweep_file)}" if c == "heldout" else c for c in j.calibrate]
     errors = io.StringIO()
     try:
-        with contextlib.redirect_stderr(errors):
+        with PARSE_LOCK, contextlib.redirect_stderr(errors):
             judge.parse_args(["--candidate", "c", "--baseline", "b", "--out", "o", "--limit", str(j.limit), *common])
             if calibrate:
                 judge.parse_args(["--out", "o", "--calibrate", *calibrate, "--calibration-limit",
@@ -1455,12 +1458,12 @@ def analysis_state(sweep: Sweep, jobs: list[Job], out: Path, sweep_file: str):
     active = [record["jobs"][k] for k, s in states.items() if s in ACTIVE_STATES and k != t.key]
     busy = sorted({r["job_id"] for r in active})
     t.after = sorted({r["job_id"].split("_")[0] for r in active if r.get("executor") == "slurm"})
-    if _read_json(out / ANALYSIS_MARKER) == analysis_marker(t.argv, out) and (report / "README.md").is_file():
-        t.state, t.detail = "completed", f"{report}/README.md is made from the sweep's current files"
-    elif states.get(t.key) in ACTIVE_STATES:
+    if states.get(t.key) in ACTIVE_STATES:
         t.state, t.detail = "active", f"job {t.job_id} is {states[t.key]}"
-    elif busy:
+    elif busy:  # whatever the marker says, what it reads is about to change
         t.state, t.detail = "waiting", f"after jobs {', '.join(busy)} end"
+    elif _read_json(out / ANALYSIS_MARKER) == analysis_marker(t.argv, out) and (report / "README.md").is_file():
+        t.state, t.detail = "completed", f"{report}/README.md is made from the sweep's current files"
     else:
         t.state, t.detail = "submit", "every job of the sweep has ended"
     return record, states, t
@@ -1481,7 +1484,8 @@ def submit_analysis(args, sweep: Sweep, jobs: list[Job], out: Path, say) -> int:
     spec = {"key": t.key, "script": "analyze_sweep.py", "argv": t.argv, "out": str(t.out), "sweep": str(out),
             "marker": str(out / ANALYSIS_MARKER)}
     task = GenerateJob(str(code), os.getcwd(), dict(sweep.launch.env))
-    cpu_only = {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 4, "timeout_min": 30}
+    cpu_only = {"nodes": 1, "gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 4, "timeout_min": 30,
+                "constraint": None, "additional": {}}  # not the GPU nodes' features or gres
     if args.executor == "slurm":
         deps = t.after if t.state == "waiting" else []
         executor, _ = make_executor("slurm", out, code, sweep, cpu_only, deps, dependency_type="afterany")
@@ -1517,6 +1521,12 @@ def submit(args, sweep: Sweep, jobs: list[Job], out: Path, say, kinds=("sft", "r
     for job in jobs:
         if job.kind not in kinds and job.state == "submit":
             job.state = "held"  # another stage's job: neither submitted nor waited for by this launch
+    order = ("sft", "reference", "dpo")
+    unfinished = [j for j in jobs if order.index(j.kind) < min(map(order.index, kinds)) and j.state == "held"]
+    if unfinished:  # its inputs were not made and nothing queued will make them
+        say(f"{', '.join(kinds)}: nothing submitted: {', '.join(j.key for j in unfinished)} did not finish "
+            f"({'; '.join(j.detail for j in unfinished)})")
+        return 1
     say(f"sweep {sweep.name}: {len([j for j in jobs if j.kind == 'dpo'])} DPO run(s) in {out}/")
     for job in (j for j in jobs if j.kind in kinds):
         verb = {"completed": "skip", "active": "wait", "submit": "SUBMIT"}[job.state]

@@ -60,7 +60,7 @@ def test_prepare_builds_a_missing_tiny_model(tmp_path, monkeypatch):
     target = tmp_path / "models" / "tiny-gpt2"
     sweep = pipeline.sw.load_sweep(SWEEP, [f"root={tmp_path}", f"judge.judge_model={target}"])
     jobs = pipeline.sw.build_plan(sweep, SWEEP)
-    assert pipeline.prepare_state(sweep, jobs) == ("submit", f"to make: {target}")
+    assert pipeline.prepare_state(sweep, jobs) == ("todo", f"to make: {target}")
     assert pipeline.prepare(sweep, jobs) == 0
     assert (target / "config.json").is_file() and pipeline.prepare_state(sweep, jobs)[0] == "completed"
     from transformers import AutoConfig
@@ -83,3 +83,21 @@ def test_plan_prints_the_memory_of_every_training_job_and_runs_nothing(tmp_path)
                   "slurm.nodes=1", "slurm.gpus_per_node=1")
     assert one_gpu.returncode == 0 and "fits no" in one_gpu.stdout, one_gpu.stdout + one_gpu.stderr
     assert not any(tmp_path.iterdir()), "--plan writes nothing"
+
+
+def test_the_whole_loop_on_local_processes_then_a_second_run_that_skips_everything(tmp_path):
+    """What `make demo` does where no Slurm answers: the stages one after another in a worker thread while the main
+    thread prints progress, the report at the end; a second run submits nothing and leaves the report alone."""
+    args = ["--config", SWEEP, f"root={tmp_path}", f"report={tmp_path}/report", "--executor", "local",
+            "--progress-s", "2", "judge.calibrate=[]", "generate.limit=2"]
+    first = run(*args)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    for stage in pipeline.STAGES[1:]:
+        assert f"stage {stage}" in first.stdout
+    assert any("dpo 0/2 (beta" in line for line in first.stdout.splitlines()), "progress while the runs train"
+    assert "every stage finished" in first.stdout
+    report = tmp_path / "report" / "README.md"
+    written, record = report.stat().st_mtime_ns, (tmp_path / "sweep_tiny" / "sweep.json").read_text()
+    second = run(*args)
+    assert second.returncode == 0 and "to do:" not in second.stdout, second.stdout + second.stderr
+    assert report.stat().st_mtime_ns == written and (tmp_path / "sweep_tiny" / "sweep.json").read_text() == record

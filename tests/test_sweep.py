@@ -480,23 +480,25 @@ def test_a_changed_config_over_a_finished_run_is_refused(finished_sweep):
 
 
 def test_pipeline_redo_sets_a_stage_and_everything_after_it_aside(finished_sweep):
-    """The last test on the finished sweep: --redo generate moves answers, verdicts and the report's record to
-    replaced/<time>/ (nothing deleted); --stage prepare then runs nothing else, and --status shows them to do."""
+    """The last test on the finished sweep: --redo generate --stage generate moves answers, verdicts and the report's
+    record to replaced/<time>/ (nothing deleted) and answers again; judge and analyze are then to do."""
     root, _, _ = finished_sweep
     out = root / "sweep_tiny"
     answers = sorted(p.name for p in (out / "generations").iterdir())
+    refused = pipeline("--config", SWEEP, f"root={root}", "--redo", "dpo", "--stage", "judge", "--executor", "local")
+    assert refused.returncode == 2 and "--redo dpo makes dpo again: add --stage dpo" in refused.stderr
+    assert not (out / "replaced").exists(), "nothing moved before the refusal"
     result = pipeline("--config", SWEEP, f"root={root}", f"report={root}/report", "--redo", "generate",
-                      "--stage", "prepare", "--executor", "local")
-    assert result.returncode == 0, result.stdout + result.stderr
+                      "--stage", "generate", "--executor", "local")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (moved,) = (out / "replaced").iterdir()
     assert sorted(p.name for p in (moved / "generations").iterdir()) == answers
     assert (moved / "judgments" / "calibration.summary.json").is_file() and (moved / "analysis.done.json").is_file()
-    assert not (out / "generations").exists() and (out / "beta0.1_seed0" / "final").is_dir()  # training stays
+    assert (out / "beta0.1_seed0" / "final").is_dir()  # training stays
+    assert all(read_jsonl(out / "generations" / f"{m}.jsonl") for m in ("sft", "beta0.1_seed0", "beta0.5_seed0"))
     status = pipeline("--config", SWEEP, f"root={root}", f"report={root}/report", "--status")
     rows = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[1:]}
-    assert rows["dpo"] == "completed" and rows["generate"] == rows["judge"] == rows["analyze"] == "todo", status.stdout
-    refused = pipeline("--config", SWEEP, f"root={root}", "--stage", "judge", "--executor", "local")
-    assert refused.returncode == 2 and "--stage judge needs generate finished first (it is todo)" in refused.stderr
+    assert rows["dpo"] == rows["generate"] == "completed" and rows["judge"] == rows["analyze"] == "todo", status.stdout
 
 
 def test_preempted_run_requeues_and_ends_as_an_uninterrupted_run(cluster, tmp_path):
