@@ -134,7 +134,7 @@ class Snapshot:
         record, states, self.generation = sw.generation_state(sweep, self.jobs, self.out, sweep_file)
         self.judging = sw.judging_plan(sweep, self.jobs, sweep_file, self.generation)
         sw.classify_judging(self.judging, record, states)
-        _, _, self.report = sw.analysis_state(sweep, self.jobs, self.out, sweep_file)
+        self.report = sw.analysis_target(sweep, self.out, record, states)
         self.prepare = prepare_state(sweep, self.jobs)
 
     def items(self, stage: str) -> list:
@@ -236,13 +236,9 @@ def run_stage(stage: str, args, sweep: sw.Sweep, jobs: list[sw.Job], out: Path) 
     launch = argparse.Namespace(config=args.config, executor=args.executor, dry_run=False)
     with sw.sweep_lock(out):
         if stage in ("sft", "reference", "dpo"):
-            return sw.submit(launch, sweep, sw.build_plan(sweep, args.config), out, sw_say, kinds=(stage,))
+            return sw.submit(launch, sweep, jobs, out, sw.say, kinds=(stage,))
         submit = {"generate": sw.submit_generation, "judge": sw.submit_judging, "analyze": sw.submit_analysis}[stage]
-        return submit(launch, sweep, sw.build_plan(sweep, args.config), out, sw_say)
-
-
-def sw_say(message: str) -> None:
-    print(f"[sweep {datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
+        return submit(launch, sweep, jobs, out, sw.say)
 
 
 def check_upstream(stages: list[str], snap: Snapshot, executor: str) -> None:

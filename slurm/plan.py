@@ -94,20 +94,16 @@ def get_gpu(name: str) -> Gpu:
 
 
 # Published config.json hyperparameters of the hub models the configs name (no hub access needed to plan for them).
+MISTRAL_7B = dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+LLAMA_3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
 HUB_CONFIGS = {
     "gpt2": dict(model_type="gpt2", vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024),
-    "mistralai/Mistral-7B-v0.1": dict(
-        model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
-    "mistralai/Mistral-7B-Instruct-v0.2": dict(
-        model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
-    "meta-llama/Meta-Llama-3-8B": dict(
-        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
-    "meta-llama/Meta-Llama-3-8B-Instruct": dict(
-        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    "mistralai/Mistral-7B-v0.1": MISTRAL_7B,
+    "mistralai/Mistral-7B-Instruct-v0.2": MISTRAL_7B,  # the same shapes (its rope theta and window differ)
+    "meta-llama/Meta-Llama-3-8B": LLAMA_3_8B,
+    "meta-llama/Meta-Llama-3-8B-Instruct": LLAMA_3_8B,
     "meta-llama/Llama-2-7b-hf": dict(
         model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False),

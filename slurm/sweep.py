@@ -1125,7 +1125,7 @@ def generation_spec(t: GenTarget) -> dict:
 
 
 def say_stage_plan(targets: list, executor: str, say) -> None:
-    """One line per generation or judging target: what this launch does with it."""
+    """One line per generation, judging or analysis target: what this launch does with it."""
     for t in targets:
         verb = {"completed": "skip", "active": "wait", "submit": "SUBMIT", "blocked": "skip",
                 "waiting": "SUBMIT" if executor == "slurm" else "wait"}[t.state]
@@ -1448,10 +1448,16 @@ class AnalysisTarget:
     job_id: str = ""
 
 
-def analysis_state(sweep: Sweep, jobs: list[Job], out: Path, sweep_file: str):
-    """(job record, scheduler states, the analysis target): the report is complete while its marker matches the
-    sweep's files; it waits while any job of the sweep is queued or running."""
-    record, states, judge_targets = judging_state(sweep, jobs, out, sweep_file)
+def analysis_state(sweep: Sweep, out: Path):
+    """(job record, scheduler states, the analysis target)."""
+    record = read_record(out)
+    states = scheduler_states(record, out)
+    return record, states, analysis_target(sweep, out, record, states)
+
+
+def analysis_target(sweep: Sweep, out: Path, record: dict, states: dict[str, str]) -> AnalysisTarget:
+    """The report is complete while its marker matches the sweep's files; it waits while any job of the sweep is
+    queued or running."""
     report = Path(sweep.report or Path("report") / sweep.name)
     t = AnalysisTarget("analyze", "report", report, ["--sweep", str(out), "--out", str(report)], out)
     t.job_id = record["jobs"].get(t.key, {}).get("job_id", "")
@@ -1466,17 +1472,15 @@ def analysis_state(sweep: Sweep, jobs: list[Job], out: Path, sweep_file: str):
         t.state, t.detail = "completed", f"{report}/README.md is made from the sweep's current files"
     else:
         t.state, t.detail = "submit", "every job of the sweep has ended"
-    return record, states, t
+    return t
 
 
 def submit_analysis(args, sweep: Sweep, jobs: list[Job], out: Path, say) -> int:
     """The report, once nothing it reads is still being made: on Slurm one CPU job waiting (afterany) on every job of
     the sweep still queued or running; locally, now."""
-    record, states, t = analysis_state(sweep, jobs, out, args.config)
+    record, states, t = analysis_state(sweep, out)
     say(f"sweep {sweep.name}: report in {t.out}/")
-    verb = {"completed": "skip", "active": "wait", "submit": "SUBMIT",
-            "waiting": "SUBMIT" if args.executor == "slurm" else "wait"}[t.state]
-    say(f"  {verb:6} {t.name:24} {t.detail}")
+    say_stage_plan([t], args.executor, say)
     if args.dry_run or t.state in ("completed", "active") or (t.state == "waiting" and args.executor != "slurm"):
         say("dry run: nothing submitted" if args.dry_run else "nothing to submit")
         return 0
@@ -1510,6 +1514,10 @@ def submit_analysis(args, sweep: Sweep, jobs: list[Job], out: Path, say) -> int:
 
 
 # ---------------------------------------------------------------- main
+
+
+def say(message: str) -> None:
+    print(f"[sweep {datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
 
 
 def submit(args, sweep: Sweep, jobs: list[Job], out: Path, say, kinds=("sft", "reference", "dpo")) -> int:
@@ -1593,15 +1601,12 @@ def main(argv=None) -> int:
         parser.error("--generate, --judge and --analyze are separate stages: run one, then the next "
                      "(python pipeline.py runs them all)")
 
-    def say(message: str) -> None:
-        print(f"[sweep {datetime.datetime.now():%H:%M:%S}] {message}", flush=True)
-
     try:
         sweep = load_sweep(args.config, args.overrides)
         jobs = build_plan(sweep, args.config)
         out = sweep_dir(sweep)
         if args.analyze and args.status:
-            _, states, t = analysis_state(sweep, jobs, out, args.config)
+            _, states, t = analysis_state(sweep, out)
             print_table([{"target": t.name, "job": t.job_id or "-", "state": states.get(t.key, "-"),
                           "done": "yes" if t.state == "completed" else "no", "detail": t.detail}],
                         {k: k for k in ("target", "job", "state", "done", "detail")})
