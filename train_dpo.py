@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import errno
 import hashlib
 import json
 import math
@@ -48,6 +49,61 @@ class NonFiniteError(RuntimeError):
 
 class Interrupted(Exception):
     """SIGTERM/SIGUSR1/SIGUSR2 arrived: the run saved a checkpoint at a step boundary and stops."""
+
+
+class DiskFullError(RuntimeError):
+    """A checkpoint or the final model did not fit on the output filesystem; the partial write was removed."""
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free bytes on the filesystem holding path (its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) if Path(folder).is_dir() else 0
+
+
+def is_disk_full(error: BaseException, path: Path) -> bool:
+    """ENOSPC/EDQUOT however the writer reports it: an OSError, safetensors' SafetensorError ("os error 28"), or
+    torch.save's RuntimeError, which names no cause (then: less than 64 MiB is left where it was writing)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    if any(s in text for s in ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")):
+        return True
+    free = free_bytes(path)
+    return free is not None and free < 64 * 2**20
+
+
+@contextlib.contextmanager
+def disk_guard(tmp: Path, what: str, out_dir: Path):
+    """Turns a full disk while writing `tmp` into one DiskFullError that says what was being written, how much had
+    been written, what is free, and what was kept; the partial folder is removed so that the run can resume."""
+    try:
+        yield
+    except Exception as e:
+        if not is_disk_full(e, tmp):
+            raise
+        written = folder_bytes(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = find_checkpoint(out_dir)
+        free = free_bytes(out_dir)
+        raise DiskFullError(
+            f"no space left on the device holding {out_dir} while writing {what} ({gib(written)} written before the "
+            f"write failed, {gib(free or 0)} free after removing it). "
+            + (f"The last complete checkpoint, {kept}, is kept: free space and run again to resume from it."
+               if kept else "No earlier checkpoint exists: free space and run again.")) from None
 
 
 # ---------------------------------------------------------------- data
@@ -361,6 +417,19 @@ def find_checkpoint(out_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def warn_if_disk_short(model, trainable, keep: int, out_dir: Path, say) -> None:
+    """Say at the start, not hours later, when the checkpoints (weights and AdamW's two fp32 moments; keep + 1 of them
+    while the newest is written) and final/ will not fit in what is free plus what this run's older files hold."""
+    weights = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
+    per_checkpoint = weights + 8 * sum(getattr(p, "ds_numel", p.numel()) for p in trainable)
+    need = (keep + 1) * per_checkpoint + weights
+    free = free_bytes(out_dir)
+    if free is not None and need > free + folder_bytes(out_dir / "checkpoints") + folder_bytes(out_dir / "final"):
+        say(f"warning: this run's checkpoints and final model need about {gib(need)} ({keep + 1} checkpoint(s) of "
+            f"{gib(per_checkpoint)} while the newest is written, final/ {gib(weights)}) but {gib(free)} is free on "
+            f"the filesystem holding {out_dir}: the run will stop with an error when it fills")
+
+
 def save_checkpoint(accelerator, out_dir: Path, step: int, state: dict, keep: int) -> Path:
     """Atomic: everything goes to a temporary folder, then one rename makes it visible."""
     final = out_dir / "checkpoints" / f"step-{step:06d}"
@@ -369,10 +438,12 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, state: dict, keep: in
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()  # every rank writes its own RNG file here: none may be renamed away mid-write
+    with disk_guard(tmp, f"the step-{step} checkpoint", out_dir):
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every rank writes its own RNG file here: none may be renamed away mid-write
+        if accelerator.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         older = sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]
@@ -392,12 +463,13 @@ def save_final(cfg: Config, accelerator, model, tokenizer, out_dir: Path) -> Non
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
-        if cfg.lora.r:
-            unwrapped.save_pretrained(tmp / "adapter", state_dict=state_dict)
-            unwrapped = merge_lora(cfg, accelerator, unwrapped, tmp / "adapter")
-            state_dict = None
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        with disk_guard(tmp, "the final model", out_dir):
+            if cfg.lora.r:
+                unwrapped.save_pretrained(tmp / "adapter", state_dict=state_dict)
+                unwrapped = merge_lora(cfg, accelerator, unwrapped, tmp / "adapter")
+                state_dict = None
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
@@ -599,6 +671,8 @@ def train(cfg: Config, log=print) -> dict:
     # under ZeRO-3 a parameter already holds only this process's shard; ds_numel is its full size
     run_info["parameters"] = {"total": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
                               "trainable": sum(getattr(p, "ds_numel", p.numel()) for p in trainable)}
+    if main_process:
+        warn_if_disk_short(model, trainable, cfg.train.keep_checkpoints, out_dir, say)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
                                   weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -727,9 +801,9 @@ def train(cfg: Config, log=print) -> dict:
         run_info.update(status="completed", ended=now(), steps=step, tokens=tokens_seen,
                         elapsed_s=round(elapsed_before + time.time() - start, 2))
         say(f"done: {step} steps, {tokens_seen} tokens, final model in {out_dir / 'final'}")
-    except (NonFiniteError, Interrupted) as e:
+    except (NonFiniteError, Interrupted, DiskFullError) as e:
         bar.close()
-        run_info.update(status="failed" if isinstance(e, NonFiniteError) else "interrupted", error=str(e),
+        run_info.update(status="interrupted" if isinstance(e, Interrupted) else "failed", error=str(e),
                         ended=now(), steps=step, last_checkpoint=str(find_checkpoint(out_dir) or ""))
         raise
     finally:
@@ -830,6 +904,15 @@ def main(argv=None) -> int:
     except Interrupted as e:
         print(f"interrupted: {e}; run again to resume", file=sys.stderr)
         return 143
+    except DiskFullError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
+    except OSError as e:  # metrics.jsonl, run.json or the reference cache on a full disk
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: no space left on the device while writing {e.filename or 'a file'} ({e.strerror}); finished "
+              f"checkpoints are kept: free space and run again to resume", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -268,3 +268,56 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes(tmp_path, tiny_dir):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"]
     assert steps == list(range(1, 151))
+
+
+def test_a_full_disk_stops_with_a_clear_error_and_a_rerun_resumes(tmp_path, tiny_dir):
+    """A real full filesystem: output_dir on a 60 MB tmpfs holds the step-2 checkpoint (~40 MB) but not step 4's."""
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        out = disk / "run"
+        cmd = [sys.executable, "train_dpo.py", "--config", "configs/tiny.yaml", f"model.path={tiny_dir}",
+               f"output_dir={out}", f"loss.ref_cache_dir={tmp_path / 'ref_cache'}", "train.max_steps=6",
+               "train.save_every=2"]
+        full = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert full.returncode == 4, full.stderr[-3000:]
+        error = full.stderr.strip().splitlines()[-1]
+        assert error.startswith("error: no space left on the device holding") and "the step-4 checkpoint" in error
+        assert "step-000002, is kept" in error and "Traceback" not in full.stderr
+        assert "warning: this run's checkpoints and final model need about" in full.stdout
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]  # the partial one is gone
+        run = json.loads((out / "run.json").read_text())
+        assert run["status"] == "failed" and run["last_checkpoint"].endswith("step-000002")
+
+        subprocess.run(["mount", "-o", "remount,size=200m", str(disk)], check=True)  # space freed: files stay
+        resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        run = json.loads((out / "run.json").read_text())
+        assert run["status"] == "completed" and run["resumed_from"].endswith("step-000002")
+        assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_disk_guard_turns_a_real_enospc_into_one_error_and_keeps_the_last_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    kept = out / "checkpoints" / "step-000002"
+    kept.mkdir(parents=True)
+    (kept / "trainer_state.json").write_text("{}")
+    partial = out / "checkpoints" / ".tmp-step-000004"
+    partial.mkdir()
+    with pytest.raises(train_dpo.DiskFullError) as caught:
+        with train_dpo.disk_guard(partial, "the step-4 checkpoint", out):
+            (partial / "model.safetensors").write_bytes(b"\0" * 3 * 2**20)
+            with open("/dev/full", "wb") as full:  # a real write that fails with ENOSPC
+                full.write(b"\0")
+                full.flush()
+    message = str(caught.value)
+    assert f"holding {out} while writing the step-4 checkpoint (3 MiB written" in message
+    assert f"{kept}, is kept" in message and not partial.exists() and kept.is_dir()
+    with pytest.raises(ValueError, match="not a disk error"):  # anything else passes through untouched
+        with train_dpo.disk_guard(partial, "the final model", out):
+            raise ValueError("not a disk error")
