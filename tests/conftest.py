@@ -37,6 +37,18 @@ def analyse_without_torch(*args: str):
                           capture_output=True, text=True, timeout=600)
 
 
+def pytest_report_header(config):
+    """Free disk space where the suite writes: a CI run that dies of ENOSPC shows how little it started with."""
+    import shutil
+    import tempfile
+
+    lines = []
+    for label, path in (("repo", REPO), ("tmp", Path(tempfile.gettempdir()))):
+        usage = shutil.disk_usage(path)
+        lines.append(f"{label} {path}: {usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.0f} GiB")
+    return "disk: " + "; ".join(lines) + " (the suite needs about 1 GB beside .venv)"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

@@ -2,6 +2,7 @@
 on SmolLM2 (two engine starts per session: the model, then a LoRA adapter). Prompt sets from ../shared/data."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -277,7 +278,8 @@ def lora_checkpoint(tmp_path_factory, default_model_dir) -> Path:
 
     from models import load_model
 
-    final = tmp_path_factory.mktemp("lora") / "final"
+    folder = tmp_path_factory.mktemp("lora")
+    final = folder / "final"
     torch.manual_seed(0)
     model = get_peft_model(load_model(str(default_model_dir), "float32"),
                            LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
@@ -289,7 +291,8 @@ def lora_checkpoint(tmp_path_factory, default_model_dir) -> Path:
     model.merge_and_unload().save_pretrained(final)
     load_tokenizer(str(default_model_dir)).save_pretrained(final)
     assert json.loads((final / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
-    return final
+    yield final
+    shutil.rmtree(folder, ignore_errors=True)  # 0.5 GB of fp32 weights: gone once this module is done
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +305,8 @@ def vllm_runs(tmp_path_factory, default_model_dir, lora_checkpoint):
                                 ("vllm_adapter", lora_checkpoint / "adapter", "vllm"),
                                 ("hf_adapter", lora_checkpoint / "adapter", "hf"), ("hf_merged", lora_checkpoint, "hf")):
         logs[name] = ok(gen("--model", model, "--out", out / f"{name}.jsonl", "--engine", engine, *common))
-    return out, logs
+    yield out, logs
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def agreement(tokenizer, a: list[dict], b: list[dict], n: int = 4) -> int:

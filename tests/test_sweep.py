@@ -251,7 +251,8 @@ def finished_sweep(cluster, tmp_path_factory):
     result = pipeline("--config", SWEEP, f"root={root}", f"report={root}/report", "--progress-s", "2")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     states = wait_for_jobs(root, "sweep_tiny")
-    return root, result.stdout, states
+    yield root, result.stdout, states
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_slurm_sweep_runs_sft_reference_and_one_array(finished_sweep):
