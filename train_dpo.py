@@ -74,36 +74,59 @@ def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) if Path(folder).is_dir() else 0
 
 
-def is_disk_full(error: BaseException, path: Path) -> bool:
-    """ENOSPC/EDQUOT however the writer reports it: an OSError, safetensors' SafetensorError ("os error 28"), or
-    torch.save's RuntimeError, which names no cause (then: less than 64 MiB is left where it was writing)."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
+def disk_full_reason(error: BaseException, path: Path) -> str | None:
+    """Why a write failed, when it failed for lack of space, however the writer reports it: an OSError (ENOSPC or
+    EDQUOT), safetensors' SafetensorError ("os error 28"), or torch.save's RuntimeError from its stream writer, which
+    names no cause. None for every other error."""
     text = str(error)
-    if any(s in text for s in ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122")):
-        return True
-    free = free_bytes(path)
-    return free is not None and free < 64 * 2**20
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or any(
+            s in text for s in ("No space left on device", "os error 28")):
+        return "no space left"
+    if (isinstance(error, OSError) and error.errno == errno.EDQUOT) or any(
+            s in text for s in ("Disk quota exceeded", "os error 122")):
+        return "disk quota exceeded"
+    if isinstance(error, RuntimeError) and any(s in text for s in ("PytorchStreamWriter", "inline_container")):
+        free = free_bytes(path)
+        return "no space left" if free is not None and free < 64 * 2**20 else "a write failed (full disk or quota?)"
+    return None
 
 
-@contextlib.contextmanager
-def disk_guard(tmp: Path, what: str, out_dir: Path):
-    """Turns a full disk while writing `tmp` into one DiskFullError that says what was being written, how much had
-    been written, what is free, and what was kept; the partial folder is removed so that the run can resume."""
-    try:
-        yield
-    except Exception as e:
-        if not is_disk_full(e, tmp):
-            raise
+def write_agreed(accelerator, tmp: Path, what: str, out_dir: Path, write, every_process: bool = True) -> None:
+    """Runs write() (on every process, or on the main one only) and agrees on the outcome: when it failed for lack of
+    space on any process, the main process removes the partial folder `tmp` and every process raises the same
+    DiskFullError, saying what was being written, how much, what is free, and which checkpoint is kept, so that
+    none waits at a barrier the others have left and a re-run resumes. Other errors propagate as they are.
+    (DeepSpeed's own checkpoint writer has barriers inside: there a full disk on one rank can still hang the rest.)"""
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    failure = None
+    if every_process or accelerator.is_main_process:
+        try:
+            write()
+        except Exception as e:
+            reason = disk_full_reason(e, tmp)
+            if reason is None:
+                raise
+            failure = f"{reason} on the device holding {out_dir} while writing {what} ({type(e).__name__}: " \
+                      f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else e!r})"
+    if accelerator.num_processes > 1:
+        if every_process:
+            failure = next((f for f in gather_object([failure]) if f), None)
+        else:
+            failure = broadcast_object_list([failure])[0]
+    if failure is None:
+        return
+    message = None
+    if accelerator.is_main_process:
         written = folder_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-        kept = find_checkpoint(out_dir)
-        free = free_bytes(out_dir)
-        raise DiskFullError(
-            f"no space left on the device holding {out_dir} while writing {what} ({gib(written)} written before the "
-            f"write failed, {gib(free or 0)} free after removing it). "
-            + (f"The last complete checkpoint, {kept}, is kept: free space and run again to resume from it."
-               if kept else "No earlier checkpoint exists: free space and run again.")) from None
+        kept, free = find_checkpoint(out_dir), free_bytes(out_dir)
+        message = (f"{failure}; {gib(written)} had been written, {gib(free or 0)} is free after removing it. "
+                   + (f"The last complete checkpoint, {kept}, is kept: free space and run again to resume from it."
+                      if kept else "No earlier checkpoint exists: free space and run again."))
+    if accelerator.num_processes > 1:
+        message = broadcast_object_list([message])[0]  # one message, the same on every process
+    raise DiskFullError(message)
 
 
 # ---------------------------------------------------------------- data
@@ -418,15 +441,18 @@ def find_checkpoint(out_dir: Path) -> Path | None:
 
 
 def warn_if_disk_short(model, trainable, keep: int, out_dir: Path, say) -> None:
-    """Say at the start, not hours later, when the checkpoints (weights and AdamW's two fp32 moments; keep + 1 of them
-    while the newest is written) and final/ will not fit in what is free plus what this run's older files hold."""
-    weights = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
-    per_checkpoint = weights + 8 * sum(getattr(p, "ds_numel", p.numel()) for p in trainable)
-    need = (keep + 1) * per_checkpoint + weights
+    """Say at the start, not hours later, when this run's files will not fit in what is free plus what its earlier
+    files hold. Its peak: keep + 1 checkpoints (weights and AdamW's two moments) while the newest is written, or keep
+    of them and final/ at the end. An estimate (DeepSpeed adds fp32 master weights under bf16)."""
+    def size(p):
+        return getattr(p, "ds_numel", p.numel()) * p.element_size()  # under ZeRO-3 a parameter holds only a shard
+    weights = sum(size(p) for p in model.parameters())
+    per_checkpoint = weights + 2 * sum(size(p) for p in trainable)
+    need = max((keep + 1) * per_checkpoint, keep * per_checkpoint + weights)
     free = free_bytes(out_dir)
     if free is not None and need > free + folder_bytes(out_dir / "checkpoints") + folder_bytes(out_dir / "final"):
-        say(f"warning: this run's checkpoints and final model need about {gib(need)} ({keep + 1} checkpoint(s) of "
-            f"{gib(per_checkpoint)} while the newest is written, final/ {gib(weights)}) but {gib(free)} is free on "
+        say(f"warning: this run's files need about {gib(need)} at their peak ({keep + 1} checkpoint(s) of "
+            f"{gib(per_checkpoint)} while the newest is written; final/ {gib(weights)}) but {gib(free)} is free on "
             f"the filesystem holding {out_dir}: the run will stop with an error when it fills")
 
 
@@ -438,11 +464,13 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, state: dict, keep: in
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    with disk_guard(tmp, f"the step-{step} checkpoint", out_dir):
+
+    def write():
         accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()  # every rank writes its own RNG file here: none may be renamed away mid-write
         if accelerator.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    # every rank writes its own RNG file: write_agreed's collective is also the barrier before the rename
+    write_agreed(accelerator, tmp, f"the step-{step} checkpoint", out_dir, write)
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -460,16 +488,17 @@ def save_final(cfg: Config, accelerator, model, tokenizer, out_dir: Path) -> Non
     checkpoints/, which DeepSpeed's zero_to_fp32.py there turns into a state dict)."""
     final, tmp = out_dir / "final", out_dir / ".tmp-final"
     state_dict = accelerator.get_state_dict(model)  # every process: under ZeRO-3 this gathers the shards to rank 0
-    if accelerator.is_main_process:
+
+    def write():  # the main process only
         shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped = accelerator.unwrap_model(model)
-        with disk_guard(tmp, "the final model", out_dir):
-            if cfg.lora.r:
-                unwrapped.save_pretrained(tmp / "adapter", state_dict=state_dict)
-                unwrapped = merge_lora(cfg, accelerator, unwrapped, tmp / "adapter")
-                state_dict = None
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+        unwrapped, weights = accelerator.unwrap_model(model), state_dict
+        if cfg.lora.r:
+            unwrapped.save_pretrained(tmp / "adapter", state_dict=weights)
+            unwrapped, weights = merge_lora(cfg, accelerator, unwrapped, tmp / "adapter"), None
+        unwrapped.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    write_agreed(accelerator, tmp, "the final model", out_dir, write, every_process=False)
+    if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
@@ -801,16 +830,23 @@ def train(cfg: Config, log=print) -> dict:
         run_info.update(status="completed", ended=now(), steps=step, tokens=tokens_seen,
                         elapsed_s=round(elapsed_before + time.time() - start, 2))
         say(f"done: {step} steps, {tokens_seen} tokens, final model in {out_dir / 'final'}")
-    except (NonFiniteError, Interrupted, DiskFullError) as e:
+    except (NonFiniteError, Interrupted, DiskFullError, OSError) as e:
+        if isinstance(e, OSError) and disk_full_reason(e, out_dir) is None:
+            raise  # not ours to describe (metrics.jsonl and the reference cache on a full disk are)
         bar.close()
-        run_info.update(status="interrupted" if isinstance(e, Interrupted) else "failed", error=str(e),
-                        ended=now(), steps=step, last_checkpoint=str(find_checkpoint(out_dir) or ""))
+        run_info.update(status="interrupted" if isinstance(e, Interrupted) else "failed", ended=now(), steps=step,
+                        error=str(e) if not isinstance(e, OSError) else f"{e.filename}: {e.strerror}",
+                        last_checkpoint=str(find_checkpoint(out_dir) or ""))
         raise
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
         if main_process:
-            write_run_json(out_dir, run_info)
+            try:
+                write_run_json(out_dir, run_info)
+            except OSError as e:  # a disk still full: the error being raised says more than this one would
+                (out_dir / "run.json.tmp").unlink(missing_ok=True)
+                say(f"warning: could not update {out_dir / 'run.json'} ({e.strerror})")
         accelerator.wait_for_everyone()
         accelerator.end_training()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -908,10 +944,11 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 4
     except OSError as e:  # metrics.jsonl, run.json or the reference cache on a full disk
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        reason = disk_full_reason(e, Path(e.filename or "."))
+        if reason is None:
             raise
-        print(f"error: no space left on the device while writing {e.filename or 'a file'} ({e.strerror}); finished "
-              f"checkpoints are kept: free space and run again to resume", file=sys.stderr)
+        print(f"error: {reason} while writing {e.filename or 'a file'} ({e.strerror}); finished checkpoints are "
+              f"kept: free space and run again to resume", file=sys.stderr)
         return 4
 
 

@@ -270,8 +270,10 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes(tmp_path, tiny_dir):
     assert steps == list(range(1, 151))
 
 
-def test_a_full_disk_stops_with_a_clear_error_and_a_rerun_resumes(tmp_path, tiny_dir):
-    """A real full filesystem: output_dir on a 60 MB tmpfs holds the step-2 checkpoint (~40 MB) but not step 4's."""
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_full_disk_stops_with_a_clear_error_and_a_rerun_resumes(tmp_path, tiny_dir, processes):
+    """A real full filesystem: output_dir on a 60 MB tmpfs holds the step-2 checkpoint (~40 MB) but not step 4's. With
+    two DDP processes both stop (neither waits at a barrier the other left) and the re-run resumes on both."""
     disk = tmp_path / "small-disk"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(disk)], capture_output=True, text=True)
@@ -279,45 +281,75 @@ def test_a_full_disk_stops_with_a_clear_error_and_a_rerun_resumes(tmp_path, tiny
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
         out = disk / "run"
-        cmd = [sys.executable, "train_dpo.py", "--config", "configs/tiny.yaml", f"model.path={tiny_dir}",
+        launcher = [sys.executable] if processes == 1 else [
+            str(REPO / ".venv" / "bin" / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        cmd = [*launcher, "train_dpo.py", "--config", "configs/tiny.yaml", f"model.path={tiny_dir}",
                f"output_dir={out}", f"loss.ref_cache_dir={tmp_path / 'ref_cache'}", "train.max_steps=6",
                "train.save_every=2"]
-        full = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert full.returncode == 4, full.stderr[-3000:]
-        error = full.stderr.strip().splitlines()[-1]
-        assert error.startswith("error: no space left on the device holding") and "the step-4 checkpoint" in error
-        assert "step-000002, is kept" in error and "Traceback" not in full.stderr
-        assert "warning: this run's checkpoints and final model need about" in full.stdout
+        env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+        full = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert full.returncode == 4 if processes == 1 else full.returncode != 0, full.stderr[-3000:]
+        errors = [line for line in full.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == processes and len(set(errors)) == 1, full.stderr[-3000:]  # the same line from each rank
+        assert errors[0].startswith(f"error: no space left on the device holding {out} while writing the step-4 ")
+        assert "step-000002, is kept" in errors[0]
+        assert processes == 2 or "Traceback" not in full.stderr
+        assert "warning: this run's files need about" in full.stdout
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]  # the partial one is gone
         run = json.loads((out / "run.json").read_text())
         assert run["status"] == "failed" and run["last_checkpoint"].endswith("step-000002")
 
         subprocess.run(["mount", "-o", "remount,size=200m", str(disk)], check=True)  # space freed: files stay
-        resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         run = json.loads((out / "run.json").read_text())
         assert run["status"] == "completed" and run["resumed_from"].endswith("step-000002")
+        assert run["world_size"] == processes
         assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
-def test_disk_guard_turns_a_real_enospc_into_one_error_and_keeps_the_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("error, reason", [
+    (OSError(28, "No space left on device", "x"), "no space left"),
+    (OSError(122, "Disk quota exceeded", "x"), "disk quota exceeded"),
+    (RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"), "no space left"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+     "a write failed (full disk or quota?)"),
+    (OSError(13, "Permission denied", "x"), None),
+    (MemoryError(), None),
+])
+def test_disk_full_reason_reads_each_writers_way_of_saying_it(tmp_path, error, reason):
+    assert train_dpo.disk_full_reason(error, tmp_path) == reason
+
+
+def test_write_agreed_removes_the_partial_folder_and_names_the_kept_checkpoint(tmp_path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+    accelerator = Accelerator(cpu=True)
     out = tmp_path / "run"
     kept = out / "checkpoints" / "step-000002"
     kept.mkdir(parents=True)
     (kept / "trainer_state.json").write_text("{}")
     partial = out / "checkpoints" / ".tmp-step-000004"
     partial.mkdir()
+
+    def write():
+        (partial / "model.safetensors").write_bytes(b"\0" * 3 * 2**20)
+        raise OSError(28, "No space left on device", str(partial / "optimizer.bin"))
     with pytest.raises(train_dpo.DiskFullError) as caught:
-        with train_dpo.disk_guard(partial, "the step-4 checkpoint", out):
-            (partial / "model.safetensors").write_bytes(b"\0" * 3 * 2**20)
-            with open("/dev/full", "wb") as full:  # a real write that fails with ENOSPC
-                full.write(b"\0")
-                full.flush()
+        train_dpo.write_agreed(accelerator, partial, "the step-4 checkpoint", out, write)
     message = str(caught.value)
-    assert f"holding {out} while writing the step-4 checkpoint (3 MiB written" in message
-    assert f"{kept}, is kept" in message and not partial.exists() and kept.is_dir()
+    assert message.startswith(f"no space left on the device holding {out} while writing the step-4 checkpoint")
+    assert "3 MiB had been written" in message and f"{kept}, is kept" in message
+    assert not partial.exists() and kept.is_dir()
+
+    def broken():
+        raise ValueError("not a disk error")
     with pytest.raises(ValueError, match="not a disk error"):  # anything else passes through untouched
-        with train_dpo.disk_guard(partial, "the final model", out):
-            raise ValueError("not a disk error")
+        train_dpo.write_agreed(accelerator, partial, "the final model", out, broken)
