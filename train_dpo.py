@@ -941,7 +941,8 @@ def main(argv=None) -> int:
         print(f"interrupted: {e}; run again to resume", file=sys.stderr)
         return 143
     except DiskFullError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank raised the same error: one line says it
+            print(f"error: {e}", file=sys.stderr)
         return 4
     except OSError as e:  # metrics.jsonl, run.json or the reference cache on a full disk
         reason = disk_full_reason(e, Path(e.filename or "."))

@@ -291,7 +291,8 @@ def test_a_full_disk_stops_with_a_clear_error_and_a_rerun_resumes(tmp_path, tiny
         full = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert full.returncode == 4 if processes == 1 else full.returncode != 0, full.stderr[-3000:]
         errors = [line for line in full.stderr.splitlines() if line.startswith("error: ")]
-        assert len(errors) == processes and len(set(errors)) == 1, full.stderr[-3000:]  # the same line from each rank
+        assert len(errors) == 1, full.stderr[-3000:]  # rank 0 says it once
+        assert processes == 1 or full.stderr.count("exitcode  : 4 ") == 2, full.stderr[-3000:]  # both ranks stopped
         assert errors[0].startswith(f"error: no space left on the device holding {out} while writing the step-4 ")
         assert "step-000002, is kept" in errors[0]
         assert processes == 2 or "Traceback" not in full.stderr
