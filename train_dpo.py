@@ -55,6 +55,11 @@ class DiskFullError(RuntimeError):
     """A checkpoint or the final model did not fit on the output filesystem; the partial write was removed."""
 
 
+def launched_as_rank_zero() -> bool:
+    """Rank 0 of the launch (or a single process), for output before a process group exists or after it is gone."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
@@ -440,12 +445,17 @@ def find_checkpoint(out_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def full_numel(p) -> int:
+    """A parameter's full size: under ZeRO-3 it holds only this process's shard and ds_numel is the whole."""
+    return getattr(p, "ds_numel", p.numel())
+
+
 def warn_if_disk_short(model, trainable, keep: int, out_dir: Path, say) -> None:
     """Say at the start, not hours later, when this run's files will not fit in what is free plus what its earlier
     files hold. Its peak: keep + 1 checkpoints (weights and AdamW's two moments) while the newest is written, or keep
     of them and final/ at the end. An estimate (DeepSpeed adds fp32 master weights under bf16)."""
     def size(p):
-        return getattr(p, "ds_numel", p.numel()) * p.element_size()  # under ZeRO-3 a parameter holds only a shard
+        return full_numel(p) * p.element_size()
     weights = sum(size(p) for p in model.parameters())
     per_checkpoint = weights + 2 * sum(size(p) for p in trainable)
     need = max((keep + 1) * per_checkpoint, keep * per_checkpoint + weights)
@@ -668,7 +678,7 @@ def train(cfg: Config, log=print) -> dict:
 
     out_dir = Path(cfg.output_dir)
     if check_output_dir(cfg, out_dir) == "completed":  # before any process group exists: every rank just returns
-        if int(os.environ.get("RANK", "0")) == 0:
+        if launched_as_rank_zero():
             log(f"{out_dir}: already completed with this config; nothing to do")
         return json.loads((out_dir / "run.json").read_text())
     accelerator = make_accelerator(cfg)
@@ -697,9 +707,8 @@ def train(cfg: Config, log=print) -> dict:
 
     model = build_policy(cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # under ZeRO-3 a parameter already holds only this process's shard; ds_numel is its full size
-    run_info["parameters"] = {"total": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()),
-                              "trainable": sum(getattr(p, "ds_numel", p.numel()) for p in trainable)}
+    run_info["parameters"] = {"total": sum(full_numel(p) for p in model.parameters()),
+                              "trainable": sum(full_numel(p) for p in trainable)}
     if main_process:
         warn_if_disk_short(model, trainable, cfg.train.keep_checkpoints, out_dir, say)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
@@ -941,7 +950,7 @@ def main(argv=None) -> int:
         print(f"interrupted: {e}; run again to resume", file=sys.stderr)
         return 143
     except DiskFullError as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # every rank raised the same error: one line says it
+        if launched_as_rank_zero():  # every rank raised the same error: one line says it
             print(f"error: {e}", file=sys.stderr)
         return 4
     except OSError as e:  # metrics.jsonl, run.json or the reference cache on a full disk

@@ -34,12 +34,17 @@ def config(tmp_path, tiny_dir, *overrides):
         *overrides])
 
 
-def run_in_process(cfg):
+def reset_accelerate_state():
+    """accelerate keeps its state in singletons: each in-process run starts from none."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+def run_in_process(cfg):
+    reset_accelerate_state()
     return train_dpo.train(cfg, log=lambda *_: None)
 
 
@@ -327,11 +332,8 @@ def test_disk_full_reason_reads_each_writers_way_of_saying_it(tmp_path, error, r
 
 def test_write_agreed_removes_the_partial_folder_and_names_the_kept_checkpoint(tmp_path):
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate_state()
     accelerator = Accelerator(cpu=True)
     out = tmp_path / "run"
     kept = out / "checkpoints" / "step-000002"
