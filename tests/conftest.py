@@ -37,6 +37,15 @@ def analyse_without_torch(*args: str):
                           capture_output=True, text=True, timeout=600)
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (a vLLM server's, a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def pytest_report_header(config):
     """Free disk space where the suite writes: a CI run that dies of ENOSPC shows how little it started with."""
     import shutil

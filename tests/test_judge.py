@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import judge
-from conftest import REPO
+from conftest import REPO, free_port
 from jsonl import read_jsonl
 
 QUESTIONS = [json.loads(line) for line in (REPO.parent / "shared/data/mt_bench/question.jsonl").read_text().splitlines()[:8]]
@@ -472,12 +471,6 @@ def test_vllm_offline_judge_agrees_with_hf(tmp_path, default_model_dir, answers,
                        out, "--engine", "vllm", "--order", "both"))
     assert "starting the vllm engine" in log
     assert_close_to(read_jsonl(out), hf_reference, "vllm")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

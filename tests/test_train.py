@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import train_dpo
+from conftest import free_port
 from config import load_config
 from jsonl import read_jsonl
 from models import save_tiny_model
@@ -275,10 +276,34 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes(tmp_path, tiny_dir):
     assert steps == list(range(1, 151))
 
 
+def run_ranks(args: list, processes: int, env: dict, logs: Path) -> list[subprocess.CompletedProcess]:
+    """train_dpo.py as `processes` ranks of one gloo group, started the way torchrun starts them (RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT) but without its agent, which kills the other ranks as soon as one exits: each rank's own exit
+    code is seen. Output goes to files under logs (a full pipe would stall one rank and, at a collective, all)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    rendezvous = {"WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1",
+                  "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"} if processes > 1 else {}
+    ranks = []
+    try:
+        for r in range(processes):
+            with open(logs / f"rank{r}.out", "w") as stdout, open(logs / f"rank{r}.err", "w") as stderr:
+                ranks.append(subprocess.Popen(
+                    [sys.executable, "train_dpo.py", *args], cwd=REPO, stdout=stdout, stderr=stderr,
+                    env={**env, **rendezvous, **({"RANK": str(r), "LOCAL_RANK": str(r)} if rendezvous else {})}))
+        codes = [p.wait(timeout=600) for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    return [subprocess.CompletedProcess(p.args, code, (logs / f"rank{r}.out").read_text(),
+                                        (logs / f"rank{r}.err").read_text())
+            for r, (p, code) in enumerate(zip(ranks, codes))]
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_a_full_disk_stops_with_a_clear_error_and_a_rerun_resumes(tmp_path, tiny_dir, processes):
     """A real full filesystem: output_dir on a 60 MB tmpfs holds the step-2 checkpoint (~40 MB) but not step 4's. With
-    two DDP processes both stop (neither waits at a barrier the other left) and the re-run resumes on both."""
+    two DDP processes both stop with exit code 4 (neither waits at a barrier the other left), rank 0 alone says why,
+    and the re-run resumes on both."""
     disk = tmp_path / "small-disk"
     disk.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(disk)], capture_output=True, text=True)
@@ -286,29 +311,26 @@ def test_a_full_disk_stops_with_a_clear_error_and_a_rerun_resumes(tmp_path, tiny
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
         out = disk / "run"
-        launcher = [sys.executable] if processes == 1 else [
-            str(REPO / ".venv" / "bin" / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-        cmd = [*launcher, "train_dpo.py", "--config", "configs/tiny.yaml", f"model.path={tiny_dir}",
-               f"output_dir={out}", f"loss.ref_cache_dir={tmp_path / 'ref_cache'}", "train.max_steps=6",
-               "train.save_every=2"]
+        args = ["--config", "configs/tiny.yaml", f"model.path={tiny_dir}", f"output_dir={out}",
+                f"loss.ref_cache_dir={tmp_path / 'ref_cache'}", "train.max_steps=6", "train.save_every=2"]
         env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
-        full = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert full.returncode == 4 if processes == 1 else full.returncode != 0, full.stderr[-3000:]
-        errors = [line for line in full.stderr.splitlines() if line.startswith("error: ")]
-        assert len(errors) == 1, full.stderr[-3000:]  # rank 0 says it once
-        assert processes == 1 or full.stderr.count("exitcode  : 4 ") == 2, full.stderr[-3000:]  # both ranks stopped
+        full = run_ranks(args, processes, env, tmp_path / "full")
+        stderr = "".join(r.stderr for r in full)
+        assert [r.returncode for r in full] == [4] * processes, stderr[-3000:]  # every rank stopped on its own
+        errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors == [line for line in full[0].stderr.splitlines()
+                                               if line.startswith("error: ")], stderr[-3000:]  # rank 0 says it once
         assert errors[0].startswith(f"error: no space left on the device holding {out} while writing the step-4 ")
         assert "step-000002, is kept" in errors[0]
-        assert processes == 2 or "Traceback" not in full.stderr
-        assert "warning: this run's files need about" in full.stdout
+        assert "Traceback" not in stderr
+        assert "warning: this run's files need about" in full[0].stdout
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]  # the partial one is gone
         run = json.loads((out / "run.json").read_text())
         assert run["status"] == "failed" and run["last_checkpoint"].endswith("step-000002")
 
         subprocess.run(["mount", "-o", "remount,size=200m", str(disk)], check=True)  # space freed: files stay
-        resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        resumed = run_ranks(args, processes, env, tmp_path / "resumed")
+        assert [r.returncode for r in resumed] == [0] * processes, "".join(r.stderr for r in resumed)[-3000:]
         run = json.loads((out / "run.json").read_text())
         assert run["status"] == "completed" and run["resumed_from"].endswith("step-000002")
         assert run["world_size"] == processes
