@@ -7,9 +7,10 @@ and metrics.jsonl, and the judge's verdict files and summaries in <sweep>/judgme
 Writes <out>/README.md (the report), summary.csv, summary.md and figures/*.png + *.pdf, and says which runs are
 missing or incomplete (it plots the rest).
 
-Statistics: win rates with judge.py's percentile bootstrap over pairs; a length-controlled win rate in the manner of
-AlpacaEval 2 (Dubois et al. 2024); a Bradley-Terry ranking of SFT and every DPO run with bootstrap intervals, as
-Arena-Hard-Auto computes it (Li et al. 2024). Every fit is statsmodels' GLM.
+Statistics (stats.py, the module judge.py computes its summaries with): win rates with a percentile bootstrap over
+pairs; a length-controlled win rate in the manner of AlpacaEval 2 (Dubois et al. 2024); a Bradley-Terry ranking of
+SFT and every DPO run with bootstrap intervals, as Arena-Hard-Auto computes it (Li et al. 2024). Every fit is
+statsmodels' GLM.
 """
 from __future__ import annotations
 
@@ -17,18 +18,25 @@ import argparse
 import json
 import math
 import sys
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import yaml
+from scipy.stats import binomtest
+
+matplotlib.use("Agg")  # figures go to files: no display, and the backend is chosen before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
+
 
 from config import UserInputError
-from jsonl import read_jsonl
-from judge import SCORE, bootstrap_ci, combine, summary_path, unswap
+from jsonl import read_jsonl, summary_path
+from stats import (SCORE, bootstrap_ci, bradley_terry, combine, first_position_rate as rate_of_position_a, lc_win_rate,
+                   order_consistency, unswap)
 
 NOT_RUNS = {"configs", "code", "generations", "judgments", "submitit", "ref_cache", "replaced"}
 # (metrics.jsonl key, axis label with unit); rewards are beta * log(pi/pi_ref) summed over the response, in nats
@@ -37,8 +45,6 @@ CURVES = [("loss", "loss (nats)"), ("rewards/margins", "reward margin (nats)"),
           ("rewards/rejected", "rejected reward (nats)"), ("kl", "KL estimate (nats/token)")]
 FINITE_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "kl",
                "grad_norm", "logps/chosen", "logps/rejected")
-ELO_SCALE, ELO_BASE, ELO_ANCHOR = 400.0, 10.0, 1000.0  # Arena-Hard-Auto's scale: the anchor (SFT) is 1000
-RIDGE = 1e-4  # only when a player wins or loses every battle: keeps that score finite instead of infinite
 COLUMN_WIDTH_IN, TEXT_WIDTH_IN = 3.4, 7.0
 
 
@@ -243,8 +249,6 @@ def stability_flags(run: Run, collapse_margin: float, alpha: float = 0.05) -> di
     n_eval = eval_pairs(run)
     accuracies = ev["rewards/accuracies"].dropna() if "rewards/accuracies" in ev else pd.Series(dtype=float)
     if n_eval and not accuracies.empty:
-        from scipy.stats import binomtest
-
         p_values = [binomtest(round(a * n_eval), n_eval, 0.5).pvalue for a in accuracies]
         if min(p_values) >= alpha:
             flags["accuracy-0.5"] = (f"eval accuracy {accuracies.iloc[-1]:.3f} on {n_eval} pairs "
@@ -378,106 +382,16 @@ def load_generations(sweep: Path, comparisons: dict[str, Comparison], problems: 
 # ---------------------------------------------------------------- statistics
 
 
-def _logit_fit(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, bool]:
-    """(coefficients, separated) of a logistic GLM of y in [0, 1] (ties are 1/2) on X. Under perfect separation (a
-    side that always wins) the maximum is at infinity: then a tiny ridge penalty gives finite coefficients, and
-    separated=True says they are not maximum-likelihood estimates."""
-    import statsmodels.api as sm
-    from statsmodels.tools.sm_exceptions import PerfectSeparationWarning
-
-    model = sm.GLM(y, X, family=sm.families.Binomial())
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PerfectSeparationWarning)
-        warnings.filterwarnings("ignore", category=RuntimeWarning)
-        try:
-            params = np.asarray(model.fit().params)
-            if np.all(np.isfinite(params)) and np.all(np.abs(params) < 20):
-                return params, False
-        except (PerfectSeparationWarning, np.linalg.LinAlgError, ValueError):
-            pass
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return np.asarray(model.fit_regularized(alpha=RIDGE, L1_wt=0.0).params), True
-
-
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def lc_win_rate(scores, candidate_len, baseline_len, seed: int = 0, n_boot: int = 1000, level: float = 0.95) -> dict:
-    """Length-controlled win rate, AlpacaEval 2's length_controlled_v1 GLM without the instruction-difficulty term
-    (that term needs many models on one instruction set):
-        logit P(candidate wins) = theta + phi * tanh(delta_len / sd(delta_len)),  delta_len = len(cand) - len(base)
-    and LC = sigmoid(theta), the win rate predicted at equal lengths. Ties count 1/2. CI: percentile bootstrap over
-    pairs (the GLM refit on each resample). scores, lengths: (n,) arrays."""
-    y = np.asarray(scores, dtype=float)
-    delta = np.asarray(candidate_len, dtype=float) - np.asarray(baseline_len, dtype=float)
-    if y.size < 3 or not np.std(delta) > 0 or np.ptp(y) == 0:
-        return {"lc_win_rate": float(y.mean()) if y.size else None, "lc_ci": bootstrap_ci(y, seed), "theta": None,
-                "phi": None, "note": "nothing for length to explain (equal lengths or one outcome): LC = win rate"}
-    x = np.tanh(delta / np.std(delta, ddof=1))
-
-    def fit(idx):
-        return _logit_fit(np.column_stack([np.ones(idx.size), x[idx]]), y[idx])
-
-    (theta, phi), separated = fit(np.arange(y.size))
-    if separated:
-        return {"lc_win_rate": None, "lc_ci": None, "theta": None, "phi": None,
-                "note": "answer length separates wins from losses: the length-controlled rate is not identifiable"}
-    rng = np.random.default_rng(seed)
-    boot = [fit(rng.integers(0, y.size, y.size)) for _ in range(n_boot)]
-    kept = np.array([_sigmoid(params[0]) for params, sep in boot if not sep])
-    ci = None
-    if kept.size >= 0.9 * n_boot:  # resamples that separate have no estimate; too many and there is no interval
-        ci = [float(q) for q in np.quantile(kept, [(1 - level) / 2, (1 + level) / 2])]
-    return {"lc_win_rate": float(_sigmoid(theta)), "lc_ci": ci, "theta": float(theta), "phi": float(phi),
-            "note": "" if ci else f"{n_boot - kept.size} of {n_boot} resamples separate: no interval"}
-
-
-def bradley_terry(battles: pd.DataFrame, anchor: str, seed: int = 0, n_boot: int = 1000, level: float = 0.95) -> pd.DataFrame:
-    """Bradley-Terry scores from battles (columns model_a, model_b, score: 1 a won, 0 b won, 1/2 tie), as
-    Arena-Hard-Auto fits them: a logistic regression of the outcome on +1 (a) / -1 (b) player indicators with no
-    intercept, P(a beats b) = sigmoid(s_a - s_b), on the Elo scale 1000 + 400 log10(odds against the anchor).
-    Intervals: percentile bootstrap over battles. Returns one row per player: model, score, ci_low, ci_high, battles."""
-    players = sorted(set(battles["model_a"]) | set(battles["model_b"]))
-    others = [p for p in players if p != anchor]
-    index = {p: i for i, p in enumerate(others)}
-    X = np.zeros((len(battles), len(others)))
-    for row, (a, b) in enumerate(zip(battles["model_a"], battles["model_b"])):
-        if a in index:
-            X[row, index[a]] += 1.0
-        if b in index:
-            X[row, index[b]] -= 1.0
-    y = battles["score"].to_numpy(dtype=float)
-    to_elo = ELO_SCALE / math.log(ELO_BASE)
-
-    def fit(idx):
-        return ELO_ANCHOR + to_elo * _logit_fit(X[idx], y[idx])[0] if others else np.zeros(0)
-
-    point = fit(np.arange(len(y)))
-    rng = np.random.default_rng(seed)
-    boot = np.array([fit(rng.integers(0, len(y), len(y))) for _ in range(n_boot)]).reshape(n_boot, len(others))
-    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2], axis=0) if others else ([], [])
-    counts = pd.concat([battles["model_a"], battles["model_b"]]).value_counts()
-    table = [{"model": anchor, "score": ELO_ANCHOR, "ci_low": ELO_ANCHOR, "ci_high": ELO_ANCHOR,
-              "battles": int(counts.get(anchor, 0))}]
-    table += [{"model": p, "score": float(point[i]), "ci_low": float(lo[i]), "ci_high": float(hi[i]),
-               "battles": int(counts.get(p, 0))} for p, i in index.items()]
-    return pd.DataFrame(table).sort_values("score", ascending=False).reset_index(drop=True)
-
-
 def first_position_rate(judgments: pd.DataFrame) -> float | None:
-    asked = judgments[judgments["asked"] & judgments["verdict"].isin(["A", "B", "tie"])]
-    return float(asked["verdict"].map({"A": 1.0, "tie": 0.5, "B": 0.0}).mean()) if len(asked) else None
+    """Share of the asked judgments (not identical answers tied without a call) that chose position A."""
+    return rate_of_position_a(judgments.loc[judgments["asked"], "verdict"])
 
 
 def consistency(judgments: pd.DataFrame) -> float | None:
     """Share of pairs judged in both orders (and asked both times) whose two verdicts name the same winner."""
     asked = judgments[judgments["asked"] & (judgments["winner"] != "error")]
     both = asked.groupby("pair_id").filter(lambda g: g["candidate_position"].nunique() == 2)
-    if both.empty:
-        return None
-    return float(both.groupby("pair_id")["winner"].agg(lambda w: w.nunique() == 1).mean())
+    return order_consistency([list(g) for _, g in both.groupby("pair_id")["winner"]])
 
 
 # ---------------------------------------------------------------- the table
@@ -591,22 +505,13 @@ def best_markdown(best: pd.DataFrame) -> str:
 # ---------------------------------------------------------------- figures
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7,
-                         "xtick.labelsize": 7, "ytick.labelsize": 7, "lines.linewidth": 1.2, "figure.dpi": 100,
-                         "savefig.bbox": "tight", "axes.spines.top": False, "axes.spines.right": False})
-    return plt
+FIGURE_STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7, "xtick.labelsize": 7,
+                "ytick.labelsize": 7, "lines.linewidth": 1.2, "figure.dpi": 100, "savefig.bbox": "tight",
+                "axes.spines.top": False, "axes.spines.right": False}
 
 
 def beta_colours(runs: list[Run]) -> dict[float, tuple]:
     """One colour per beta, the same in every figure: viridis in beta order (small beta dark, large beta light)."""
-    import matplotlib
-
     betas = sorted({r.beta for r in runs if r.beta is not None})
     cmap = matplotlib.colormaps["viridis"]
     return {b: cmap(0.8 * i / max(1, len(betas) - 1)) for i, b in enumerate(betas)}
@@ -619,14 +524,13 @@ def save(fig, out: Path, name: str) -> list[Path]:
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
     fig.savefig(paths[0], dpi=150)
     fig.savefig(paths[1])
-    _plt().close(fig)
+    plt.close(fig)
     return paths
 
 
 def curves_figure(runs: list[Run], split: str, colours: dict, out: Path) -> list[Path]:
     """Per-step curves, one line per (loss type, beta): mean over seeds, band = min..max over seeds. Train rows are
     smoothed with a centred rolling mean (window in the title); eval rows are drawn as measured."""
-    plt = _plt()
     dpo = [r for r in runs if r.kind == "dpo" and r.beta is not None and not r.rows(split).empty]
     if not dpo:
         return []
@@ -671,8 +575,6 @@ def curves_figure(runs: list[Run], split: str, colours: dict, out: Path) -> list
 
 def beta_axis(ax, betas) -> None:
     """A log beta axis labelled at the betas of the sweep, not at matplotlib's minor decades."""
-    from matplotlib.ticker import NullFormatter
-
     betas = sorted(set(betas))
     ax.set_xscale("log")
     ax.set_xticks(betas, [f"{b:g}" for b in betas])
@@ -739,7 +641,6 @@ def dpo_rows_of(table: pd.DataFrame, *required: str) -> pd.DataFrame:
 
 
 def final_vs_beta_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[Path]:
-    plt = _plt()
     dpo = dpo_rows_of(table)
     if dpo.empty or dpo[["eval_accuracy", "eval_margin", "eval_kl"]].isna().all().all():
         return []
@@ -764,7 +665,6 @@ def final_vs_beta_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[
 
 def win_rate_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[Path]:
     """Two panels side by side: the win rate against SFT and the length-controlled win rate, each with its CI."""
-    plt = _plt()
     dpo = dpo_rows_of(table, "win_rate")
     if dpo.empty:
         return []
@@ -786,9 +686,6 @@ def win_rate_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[Path]
 
 
 def frontier_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[Path]:
-    from matplotlib.ticker import MaxNLocator
-
-    plt = _plt()
     dpo = dpo_rows_of(table, "win_rate", "eval_kl")
     if dpo.empty:
         return []
@@ -811,7 +708,6 @@ def frontier_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[Path]
 
 
 def judge_figure(table: pd.DataFrame, calibration: dict | None, out: Path) -> list[Path]:
-    plt = _plt()
     judged = table[table["win_rate"].notna()]
     if judged.empty and not calibration:
         return []
@@ -1120,6 +1016,7 @@ def analyse(args, argv: list[str]) -> int:
         ranking.to_csv(out / "bradley_terry.csv", index=False)
     (out / "summary.md").write_text(markdown_table(table) + "\n\n## Best run per criterion\n\n" + best_markdown(best) + "\n")
     colours = beta_colours(runs)
+    plt.rcParams.update(FIGURE_STYLE)
     figures = []
     for split in ("train", "eval"):
         figures += curves_figure(runs, split, colours, out / "figures")

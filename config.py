@@ -1,14 +1,22 @@
-"""Run configuration: nested dataclasses, YAML files, dotted command-line overrides.
+"""Configuration: nested dataclasses, YAML files, dotted overrides, and command lines built from dataclasses.
 
     cfg = load_config("configs/default.yaml", ["loss.beta=0.05", "train.max_steps=10"])
     print(to_yaml(cfg))
+    args = parse_cli(GenerateArgs, sys.argv[1:])       # generate.py's and judge.py's flags are their fields
 
-Every script speaks these names. An unknown key or a bad value raises ConfigError naming the key.
+Every script speaks these names. An unknown key or a bad value raises ConfigError naming the key; one builder
+(`build`) and one override parser (`apply_override`) serve training configs and sweep files alike.
 """
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import sys
+import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +39,13 @@ LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo")
 CHAT_TEMPLATES = ("auto", "model", "hh")
 
 
-def _require(ok: bool, key: str, message: str) -> None:
+def require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
 
 
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    _require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
+def one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
 
 
 @dataclass
@@ -50,8 +58,8 @@ class ModelConfig:
     """Tokenizer folder or hub id; empty means model.path."""
 
     def __post_init__(self):
-        _require(bool(self.path), "model.path", "must not be empty")
-        _choice("model.dtype", self.dtype, DTYPES)
+        require(bool(self.path), "model.path", "must not be empty")
+        one_of("model.dtype", self.dtype, DTYPES)
 
 
 @dataclass
@@ -64,9 +72,9 @@ class FilterConfig:
     """Drop pairs whose score_chosen - score_rejected is below this (needs score columns; 0 = off)."""
 
     def __post_init__(self):
-        _require(self.min_response_chars >= 0, "data.filter.min_response_chars", "must be >= 0")
-        _require(0.0 <= self.max_overlap <= 1.0, "data.filter.max_overlap", "must be in [0, 1]")
-        _require(self.min_score_diff >= 0.0, "data.filter.min_score_diff", "must be >= 0")
+        require(self.min_response_chars >= 0, "data.filter.min_response_chars", "must be >= 0")
+        require(0.0 <= self.max_overlap <= 1.0, "data.filter.max_overlap", "must be in [0, 1]")
+        require(self.min_score_diff >= 0.0, "data.filter.min_score_diff", "must be >= 0")
 
 
 @dataclass
@@ -96,14 +104,14 @@ class DataConfig:
     """Strong-preference filter; each rule reports how many pairs it dropped."""
 
     def __post_init__(self):
-        _require(bool(self.path), "data.path", "must not be empty")
-        _choice("data.format", self.format, DATA_FORMATS)
-        _require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", f"must be in [0, 1); got {self.eval_fraction}")
-        _require(self.max_pairs >= 0, "data.max_pairs", f"must be >= 0; got {self.max_pairs}")
-        _choice("data.on_bad_record", self.on_bad_record, ("error", "skip"))
+        require(bool(self.path), "data.path", "must not be empty")
+        one_of("data.format", self.format, DATA_FORMATS)
+        require(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", f"must be in [0, 1); got {self.eval_fraction}")
+        require(self.max_pairs >= 0, "data.max_pairs", f"must be >= 0; got {self.max_pairs}")
+        one_of("data.on_bad_record", self.on_bad_record, ("error", "skip"))
         known = {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
         for key in self.columns:
-            _require(key in known, f"data.columns.{key}", f"is not a field; map one of {', '.join(sorted(known))}")
+            require(key in known, f"data.columns.{key}", f"is not a field; map one of {', '.join(sorted(known))}")
 
 
 @dataclass
@@ -116,10 +124,10 @@ class TokenizeConfig:
     """auto: the model's chat template if it has one, else hh; model: require it; hh: plain Human/Assistant text."""
 
     def __post_init__(self):
-        _require(self.max_length > 1, "tokenize.max_length", f"must be > 1; got {self.max_length}")
-        _require(0 < self.max_prompt_length <= self.max_length, "tokenize.max_prompt_length",
+        require(self.max_length > 1, "tokenize.max_length", f"must be > 1; got {self.max_length}")
+        require(0 < self.max_prompt_length <= self.max_length, "tokenize.max_prompt_length",
                  f"must be in [1, tokenize.max_length={self.max_length}]; got {self.max_prompt_length}")
-        _choice("tokenize.chat_template", self.chat_template, CHAT_TEMPLATES)
+        one_of("tokenize.chat_template", self.chat_template, CHAT_TEMPLATES)
 
 
 @dataclass
@@ -142,11 +150,11 @@ class LossConfig:
     """Reference log-probs are computed once per (reference, data, tokenisation) and stored here."""
 
     def __post_init__(self):
-        _choice("loss.name", self.name, LOSS_NAMES)
-        _choice("loss.type", self.type, LOSS_TYPES)
-        _require(self.beta > 0, "loss.beta", f"must be > 0; got {self.beta}")
-        _require(0.0 <= self.label_smoothing < 0.5, "loss.label_smoothing", f"must be in [0, 0.5); got {self.label_smoothing}")
-        _require(self.rpo_alpha >= 0, "loss.rpo_alpha", f"must be >= 0; got {self.rpo_alpha}")
+        one_of("loss.name", self.name, LOSS_NAMES)
+        one_of("loss.type", self.type, LOSS_TYPES)
+        require(self.beta > 0, "loss.beta", f"must be > 0; got {self.beta}")
+        require(0.0 <= self.label_smoothing < 0.5, "loss.label_smoothing", f"must be in [0, 0.5); got {self.label_smoothing}")
+        require(self.rpo_alpha >= 0, "loss.rpo_alpha", f"must be >= 0; got {self.rpo_alpha}")
 
 
 @dataclass
@@ -193,21 +201,21 @@ class TrainConfig:
     """Write a train line to metrics.jsonl every N steps."""
 
     def __post_init__(self):
-        _require(self.max_steps > 0, "train.max_steps", f"must be > 0; got {self.max_steps}")
-        _choice("train.scheduler", self.scheduler, ("linear", "cosine", "constant"))
-        _choice("train.mixed_precision", self.mixed_precision, ("no", "bf16"))
-        _choice("train.resume", self.resume, ("auto", "never"))
-        _require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "train.adam_betas",
+        require(self.max_steps > 0, "train.max_steps", f"must be > 0; got {self.max_steps}")
+        one_of("train.scheduler", self.scheduler, ("linear", "cosine", "constant"))
+        one_of("train.mixed_precision", self.mixed_precision, ("no", "bf16"))
+        one_of("train.resume", self.resume, ("auto", "never"))
+        require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "train.adam_betas",
                  f"must be two numbers in [0, 1); got {self.adam_betas}")
         for key in ("warmup_steps", "freeze_layers", "eval_every", "max_eval_pairs", "save_every"):
-            _require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0; got {getattr(self, key)}")
+            require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0; got {getattr(self, key)}")
         for key in ("eval_batch_size", "keep_checkpoints", "log_every"):
-            _require(getattr(self, key) > 0, f"train.{key}", f"must be > 0; got {getattr(self, key)}")
-        _require(self.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0; got {self.max_grad_norm}")
-        _require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0; got {self.weight_decay}")
-        _require(self.batch_size > 0, "train.batch_size", f"must be > 0; got {self.batch_size}")
-        _require(self.grad_accum > 0, "train.grad_accum", f"must be > 0; got {self.grad_accum}")
-        _require(self.lr > 0, "train.lr", f"must be > 0; got {self.lr}")
+            require(getattr(self, key) > 0, f"train.{key}", f"must be > 0; got {getattr(self, key)}")
+        require(self.max_grad_norm >= 0, "train.max_grad_norm", f"must be >= 0; got {self.max_grad_norm}")
+        require(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0; got {self.weight_decay}")
+        require(self.batch_size > 0, "train.batch_size", f"must be > 0; got {self.batch_size}")
+        require(self.grad_accum > 0, "train.grad_accum", f"must be > 0; got {self.grad_accum}")
+        require(self.lr > 0, "train.lr", f"must be > 0; got {self.lr}")
 
 
 @dataclass
@@ -222,9 +230,9 @@ class LoraConfig:
     """Module names to adapt, or [all-linear]."""
 
     def __post_init__(self):
-        _require(self.r >= 0, "lora.r", f"must be >= 0; got {self.r}")
-        _require(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1); got {self.dropout}")
-        _require(bool(self.target_modules), "lora.target_modules", "must name at least one module")
+        require(self.r >= 0, "lora.r", f"must be >= 0; got {self.r}")
+        require(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1); got {self.dropout}")
+        require(bool(self.target_modules), "lora.target_modules", "must name at least one module")
 
 
 @dataclass
@@ -239,32 +247,55 @@ class Config:
     """Where the run writes metrics.jsonl, config.yaml, run.json, checkpoints and final/."""
 
 
-def _all_keys(cls, prefix: str = "") -> list[str]:
+
+# ---------------------------------------------------------------- dataclasses from YAML, overrides and command lines
+# One builder for every configuration this project reads: training configs (Config), sweep files (slurm/spec.py's
+# Sweep) and the arguments of generate.py and judge.py. `kind` names the schema in errors ("unknown sweep key").
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _optional(hint) -> tuple[typing.Any, bool]:
+    """(the type inside `T | None`, whether None is allowed)."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+    return hint, False
+
+
+def all_keys(cls, prefix: str = "") -> list[str]:
+    """Every dotted key of a nested dataclass schema."""
     keys = []
     for f in dataclasses.fields(cls):
-        hint = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            keys += _all_keys(hint, f"{prefix}{f.name}.")
-        else:
-            keys.append(prefix + f.name)
+        hint = _hints(cls)[f.name]
+        keys += all_keys(hint, f"{prefix}{f.name}.") if dataclasses.is_dataclass(hint) else [prefix + f.name]
     return keys
 
 
-def _unknown_key(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, _all_keys(Config), n=1)
+def unknown_key(key: str, root, kind: str = "config") -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(root), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"{key}: unknown config key{hint}")
+    return ConfigError(f"{key}: unknown {kind} key{hint}")
 
 
-def _coerce(hint, value, key: str):
-    origin = typing.get_origin(hint)
+def coerce(hint, value, key: str, kind: str = "config", root=None):
+    """`value` (from YAML or an override) as the type `hint` asks for; a wrong type names the key."""
+    hint, nullable = _optional(hint)
+    if value is None and nullable:
+        return None
+    origin = typing.get_origin(hint) or (hint if hint in (list, dict) else None)
+    if hint is typing.Any:
+        return value
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".")
+        return build(hint, value, key + ".", kind, root)
     if hint is bool:
-        _require(isinstance(value, bool), key, f"expected true or false; got {value!r}")
+        require(isinstance(value, bool), key, f"expected true or false; got {value!r}")
         return value
     if hint is int:
-        _require(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer; got {value!r}")
+        require(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer; got {value!r}")
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads 5e-7 (no dot) as a string
@@ -272,66 +303,88 @@ def _coerce(hint, value, key: str):
                 value = float(value)
             except ValueError:
                 pass
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number; got {value!r}")
+        require(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number; got {value!r}")
         return float(value)
     if hint is str:
-        _require(not isinstance(value, bool), key,
-                 f"expected a string; got {value!r} (YAML reads no/yes/on/off as booleans: quote it, e.g. 'no')")
-        _require(isinstance(value, (str, int, float)), key, f"expected a string; got {value!r}")
+        require(not isinstance(value, bool), key,
+                f"expected a string; got {value!r} (YAML reads no/yes/on/off as booleans: quote it, e.g. 'no')")
+        require(isinstance(value, (str, int, float)), key, f"expected a string; got {value!r}")
         return str(value)
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        _require(isinstance(value, list), key, f"expected a list; got {value!r}")
-        (item,) = typing.get_args(hint)
-        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        require(isinstance(value, list), key, f"expected a list; got {value!r}")
+        (item,) = typing.get_args(hint) or (typing.Any,)
+        return [coerce(item, v, f"{key}[{i}]", kind, root) for i, v in enumerate(value)]
     if origin is dict:
-        _require(isinstance(value, dict) and all(isinstance(v, str) for v in value.values()), key,
-                 f"expected a mapping of strings; got {value!r}")
-        return dict(value)
-    raise TypeError(f"{key}: unsupported config type {hint}")
+        require(isinstance(value, dict), key, f"expected a mapping; got {value!r}")
+        _, item = typing.get_args(hint) or (str, typing.Any)
+        if item is str:  # text values; numbers are written as text
+            for k, v in value.items():
+                require(isinstance(v, (str, int, float)) and not isinstance(v, bool), f"{key}.{k}",
+                        f"expected a string or number; got {v!r}")
+            return {str(k): str(v) for k, v in value.items()}
+        return {str(k): coerce(item, v, f"{key}.{k}", kind, root) for k, v in value.items()}
+    raise TypeError(f"{key}: unsupported {kind} type {hint}")
 
 
-def _build(cls, raw, prefix: str = ""):
-    _require(isinstance(raw, dict), prefix.rstrip(".") or "config", f"expected a mapping; got {raw!r}")
-    hints = typing.get_type_hints(cls)
+def build(cls, raw, prefix: str = "", kind: str = "config", root=None):
+    """A (nested) dataclass from a mapping: unknown keys and wrong types raise ConfigError naming the dotted key;
+    each dataclass's __post_init__ checks the values."""
+    require(isinstance(raw, dict), prefix.rstrip(".") or kind, f"expected a mapping; got {raw!r}")
+    root = root or cls
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in names:
-            raise _unknown_key(prefix + str(key))
-    kwargs = {name: _coerce(hints[name], value, prefix + name) for name, value in raw.items()}
-    return cls(**kwargs)
+            raise unknown_key(prefix + str(key), root, kind)
+    hints = _hints(cls)
+    return cls(**{name: coerce(hints[name], value, prefix + name, kind, root) for name, value in raw.items()})
 
 
-def apply_override(raw: dict, override: str) -> None:
-    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (`lora.target_modules=[q_proj,v_proj]`)."""
+def apply_override(raw: dict, override: str, cls=None, kind: str = "config") -> None:
+    """Set `a.b.c=value` in the nested mapping `raw`, checked against the schema `cls` first. The value is YAML
+    (`lora.target_modules=[q_proj,v_proj]`), except for text fields, which take it as typed
+    (`train.mixed_precision=no` is "no", not false). Under a mapping field the rest of the key is one key of that
+    mapping: `data.columns.prompt=question`, `grid.loss.beta=[0.1,0.3]`, `sft.overrides.train.lr=1e-5`."""
+    cls = cls or Config
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not key=value")
     key, text = override.split("=", 1)
-    key = key.strip()
-    parts = key.split(".")
-    cls = Config
-    for i, part in enumerate(parts):  # check the key against the schema before touching the dict
-        if cls is None or part not in typing.get_type_hints(cls):
-            raise _unknown_key(key)
-        hints = typing.get_type_hints(cls)
-        cls = hints[part] if dataclasses.is_dataclass(hints[part]) else None
-        if cls is None and typing.get_origin(hints[part]) is dict and i == len(parts) - 2:
-            break  # data.columns.prompt=question sets one entry of a mapping field
-    if cls is None and hints.get(parts[-1]) is str:
-        value = text  # a string field takes the text as typed: `train.mixed_precision=no` is "no", not false
+    parts = key.strip().split(".")
+    node_cls, path = cls, []
+    hint = None
+    for i, part in enumerate(parts):
+        hints = _hints(node_cls) if node_cls is not None else {}
+        if part not in hints:
+            raise unknown_key(key.strip(), cls, kind)
+        hint, _ = _optional(hints[part])
+        path.append(part)
+        if dataclasses.is_dataclass(hint):
+            node_cls = hint
+            continue
+        if typing.get_origin(hint) is dict and i < len(parts) - 1:
+            path.append(".".join(parts[i + 1:]))
+            hint = (typing.get_args(hint) or (str, typing.Any))[1]
+            break
+        node_cls = None
+    if dataclasses.is_dataclass(hint):
+        raise ConfigError(f"{key.strip()}: is a section of {kind} keys, not one key (e.g. {key.strip()}.<key>=...)")
+    inner, nullable = _optional(hint)
+    if inner is str and not (nullable and text.strip() in ("", "null", "~")):
+        value = text
     else:
         try:
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError:
-            value = text
+            raise ConfigError(f"override {override!r}: the value is not valid YAML (a list is [a,b]: quote "
+                              f"the whole override for the shell)") from None
     node = raw
-    for part in parts[:-1]:
+    for part in path[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{key}: the YAML file gives {part} a value that is not a mapping")
+            raise ConfigError(f"{key.strip()}: the YAML file gives {part} a value that is not a mapping")
         node = child
-    node[parts[-1]] = value
+    node[path[-1]] = value
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -353,15 +406,20 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load(cls, path: str | Path | None = None, overrides=(), kind: str = "config"):
     """Defaults <- YAML file <- dotted overrides, validated; errors name the key (and the file)."""
     raw = read_yaml(path) if path else {}
-    for override in overrides:
-        apply_override(raw, override)
     try:
-        return _build(Config, raw)
+        for override in overrides:
+            apply_override(raw, override, cls, kind)
+        return build(cls, raw, kind=kind)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def load_config(path: str | Path | None = None, overrides=()) -> Config:
+    """A training config: configs/*.yaml, then `key=value` overrides."""
+    return load(Config, path, overrides)
 
 
 def to_dict(cfg) -> dict:
@@ -370,3 +428,120 @@ def to_dict(cfg) -> dict:
 
 def to_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------- command lines from dataclasses
+# generate.py and judge.py read their arguments into a dataclass (flags named after its fields, help from their
+# docstrings, checks in __post_init__), so a sweep file can hand the same arguments over without any argv.
+
+
+class ArgsError(UserInputError):
+    """A bad command-line argument (or the same setting given by a sweep file): usage error, exit 2."""
+
+
+@functools.cache
+def field_docs(cls) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (and of its bases): the help of its command line."""
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, after in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def cli_fields(cls) -> list:
+    """A dataclass's fields in command-line order: its own first, then those of its bases (shared engine flags)."""
+    own = set(vars(cls).get("__annotations__", {}))
+    fields = dataclasses.fields(cls)
+    return [f for f in fields if f.name in own] + [f for f in fields if f.name not in own]
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # raised, not exited: the caller decides (a CLI prints usage, a sweep names its file)
+        raise ArgsError(message)
+
+
+def arg_parser(cls, description: str = "", required: bool = True, helps: bool = True) -> argparse.ArgumentParser:
+    """argparse for a dataclass: --field-name per field (bool: a switch; list: several values; `choices` and `nargs`
+    from the field's metadata); only flags given land in the namespace, so the dataclass's defaults apply."""
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     argument_default=argparse.SUPPRESS)
+    docs, hints = field_docs(cls) if helps else {}, _hints(cls)
+    for f in cli_fields(cls):
+        hint, _ = _optional(hints[f.name])
+        needed = required and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        kwargs = {"dest": f.name, "help": docs.get(f.name, ""), "required": needed}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if hint is bool:
+            parser.add_argument(flag(f.name), action="store_true", **{k: v for k, v in kwargs.items() if k != "choices"})
+            continue
+        if typing.get_origin(hint) is list:
+            (item,) = typing.get_args(hint)
+            kwargs.update(nargs=f.metadata.get("nargs", "+"), type=item, metavar=f.metadata.get("metavar"))
+        else:
+            kwargs["type"] = hint
+        parser.add_argument(flag(f.name), **kwargs)
+    return parser
+
+
+def parse_flags(cls, argv, required: bool = False) -> dict:
+    """The fields a list of flags sets (`[--turns, both]` -> {"turns": "both"}); ArgsError names a bad one."""
+    return vars(arg_parser(cls, required=required, helps=False).parse_args([str(a) for a in argv]))
+
+
+def parse_cli(cls, argv=None, description: str = ""):
+    """The dataclass from this process's command line: a bad flag or value prints usage and exits 2, as argparse."""
+    parser = arg_parser(cls, description)
+    try:
+        return cls(**vars(parser.parse_args(argv)))
+    except ArgsError as e:
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def to_argv(args) -> list[str]:
+    """The command line that gives back `args` (fields left at their defaults are left out)."""
+    argv = []
+    for f in cli_fields(type(args)):
+        value = getattr(args, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if value == default or value is None:
+            continue
+        if isinstance(value, bool):
+            argv += [flag(f.name)] if value else []
+        elif isinstance(value, list):
+            argv += [flag(f.name), *map(str, value)]
+        else:
+            argv += [flag(f.name), str(value)]
+    return argv
+
+
+def invalid_choice(name: str, value, choices) -> str | None:
+    """argparse's wording for a value outside `choices`, for checks in __post_init__ (None when it is fine)."""
+    if value in choices:
+        return None
+    return f"argument {flag(name)}: invalid choice: {value!r} (choose from {', '.join(map(repr, choices))})"
+
+
+def check_choices(args) -> None:
+    """argparse's check of every field's `choices`, for arguments built without a command line (a sweep file)."""
+    for f in dataclasses.fields(args):
+        bad = invalid_choice(f.name, getattr(args, f.name), f.metadata["choices"]) if "choices" in f.metadata else None
+        if bad:
+            raise ArgsError(bad)

@@ -68,3 +68,10 @@ def rewrite_jsonl(path: str | Path, rows: list[dict]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def summary_path(verdicts: str | Path) -> Path:
+    """Where judge.py writes the summary of a verdict file: `<name>.jsonl` -> `<name>.summary.json`."""
+    verdicts = Path(verdicts)
+    stem = verdicts.name[:-len(".jsonl")] if verdicts.name.endswith(".jsonl") else verdicts.name
+    return verdicts.with_name(stem + ".summary.json")

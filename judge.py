@@ -24,22 +24,27 @@ LLMBar and held-out HH pairs, judged in both orders.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from config import UserInputError
-from generate import (OutputLock, context_length, digest, engine_rules, heldout_pairs, left_pad, model_config,
-                      shared_data, start_vllm, stop_token_ids, subset, vllm_available)
-from jsonl import append_jsonl, read_jsonl, repair_tail
+from tqdm import tqdm
+
+from chat_format import FormattingError, render_prompt, resolve_template
+from arguments import EngineArgs, JudgeArgs
+from config import UserInputError, parse_cli
+from engines import (HFEngine, KeyedJsonl, OpenAIEngine, RequestFailed, ServerArgs, VLLMEngine,
+                     context_length, digest, model_config, on_gpu, stop_token_ids, vllm_available)
+from jsonl import append_jsonl, read_jsonl, summary_path
+from models import load_tokenizer, model_fingerprint
+from preference_data import heldout_pairs, shared_data, subset
+from stats import SCORE, bootstrap_ci, combine, first_position_rate, mean, order_consistency, unswap
 
 LETTERS = ("A", "B", "C")
 VERDICT_OF = {"A": "A", "B": "B", "C": "tie", "TIE": "tie"}
@@ -47,13 +52,13 @@ DEFAULT_BATCH = {"hf": 8, "vllm": 256, "openai": 64}
 CALIBRATION_SETS = ("llmbar:Natural", "llmbar:Adversarial", "heldout")
 LLMBAR_SUBSETS = {"Natural": ("Natural",),
                   "Adversarial": ("Adversarial/Neighbor", "Adversarial/GPTInst", "Adversarial/GPTOut", "Adversarial/Manual")}
-BOOTSTRAP = 10_000
 
 
 class JudgeError(UserInputError):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
 
 
 # ---------------------------------------------------------------- templates
@@ -329,12 +334,6 @@ def arrange(pair: Pair, candidate_position: str) -> tuple[str, str]:
     return (pair.candidate, pair.baseline) if candidate_position == "A" else (pair.baseline, pair.candidate)
 
 
-def unswap(verdict: str, candidate_position: str) -> str:
-    if verdict in ("tie", "error"):
-        return verdict
-    return "candidate" if verdict == candidate_position else "baseline"
-
-
 # ---------------------------------------------------------------- the judge's prompt
 
 
@@ -349,8 +348,6 @@ class PromptBuilder:
     ("[[" in choice mode, so the next token is the verdict letter)."""
 
     def __init__(self, tokenizer, template: Template, mode: str):
-        from chat_format import resolve_template
-
         self.tokenizer, self.template, self.mode = tokenizer, template, mode
         self.system = template.system + " " + INSTRUCTION[mode]
         self.chat = resolve_template(tokenizer, "auto") == "model"
@@ -358,8 +355,6 @@ class PromptBuilder:
         self.letter_ids = self._letter_ids() if mode == "choice" else []
 
     def render(self, question: str, answer_a: str, answer_b: str) -> str:
-        from chat_format import render_prompt
-
         user = fill(self.template.user, {"question": question, "answer_a": answer_a, "answer_b": answer_b})
 
         messages = [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
@@ -415,148 +410,9 @@ class PromptBuilder:
 # ---------------------------------------------------------------- engines
 
 
-class RequestFailed(Exception):
-    """A request that failed after its retries (an unreachable or erroring server): an error row, retried next run.
-    kind "rejected": the server refused the request itself (4xx), which a re-run would repeat: kept like a verdict."""
-
-    def __init__(self, message: str, kind: str = "request"):
-        super().__init__(message)
-        self.kind = kind
-
-
-class HFJudge:
-    name = "hf"
-
-    def __init__(self, weights: str, args, tokenizer, stop_ids):
-        import torch
-
-        from models import load_model
-
-        self.torch, self.tokenizer, self.stop_ids = torch, tokenizer, stop_ids
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        # on CPU "auto" means float32: bf16 logits tie verdict letters (SmolLM2: A and C both at exactly 26.0)
-        dtype = "float32" if args.dtype == "auto" and self.device == "cpu" else args.dtype
-        self.model = load_model(weights, dtype).to(self.device).eval()
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
-
-    def choice(self, prompts: list[list[int]], letter_ids: list[int]) -> list:
-        ids, mask = left_pad(prompts, self.pad, self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift absolute positions (GPT-2)
-        with self.torch.no_grad():
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
-        logprobs = self.torch.log_softmax(logits, dim=-1)[:, letter_ids]
-        return logprobs.tolist()
-
-    def complete(self, prompts, max_tokens: int, temperature: float, seed: int) -> list:
-        from transformers import GenerationConfig
-
-        ids, mask = left_pad(prompts, self.pad, self.device)
-        width = ids.shape[1]
-        sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else \
-            dict(do_sample=False)
-        if temperature > 0:
-            self.torch.manual_seed(seed)
-        self.model.generation_config = GenerationConfig()  # nothing from the checkpoint's generation_config.json
-        with self.torch.no_grad():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                      eos_token_id=self.stop_ids, pad_token_id=self.pad, **sampling)
-        texts = []
-        for row in out[:, width:].tolist():
-            end = next((i for i, t in enumerate(row) if t in self.stop_ids), len(row))
-            texts.append(self.tokenizer.decode(row[:end], skip_special_tokens=True))
-        return texts
-
-
-class VLLMJudge:
-    name = "vllm"
-
-    def __init__(self, weights: str, args, tokenizer_path: str, stop_ids):
-        from vllm import SamplingParams
-
-        import torch
-
-        self.params, self.stop_ids = SamplingParams, stop_ids
-        if args.dtype == "auto" and not torch.cuda.is_available():
-            args.dtype = "float32"  # as HFJudge: bf16 ties the verdict letters' log-probs
-        self.llm = start_vllm(weights, tokenizer_path, args, error=JudgeError)
-
-    def choice(self, prompts, letter_ids) -> list:
-        # logprob_token_ids: the full-vocabulary log-probs of exactly these tokens (vLLM's default raw_logprobs mode)
-        params = self.params(max_tokens=1, temperature=0.0, logprob_token_ids=list(letter_ids))
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [[o.outputs[0].logprobs[0][t].logprob for t in letter_ids] for o in outputs]
-
-    def complete(self, prompts, max_tokens: int, temperature: float, seed: int) -> list:
-        params = self.params(max_tokens=max_tokens, temperature=temperature, top_p=1.0, top_k=0, seed=seed,
-                             stop_token_ids=self.stop_ids, skip_special_tokens=True)
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [o.outputs[0].text for o in outputs]
-
-
-class OpenAIJudge:
-    """Any OpenAI-compatible completions server that takes token-id prompts (vLLM's, which one judge can serve to
-    many jobs): the prompt is the same token ids the offline engines see. Bounded concurrency; connection errors,
-    timeouts, 429s and 5xx retried with exponential backoff; what still fails becomes an error row."""
-
-    name = "openai"
-
-    def __init__(self, args, stop_ids):
-        import openai
-
-        self.openai, self.args, self.stop_ids = openai, args, stop_ids
-        self.client = openai.OpenAI(base_url=args.base_url, api_key=args.api_key or os.environ.get("OPENAI_API_KEY") or
-                                    "EMPTY", max_retries=0, timeout=args.request_timeout)
-        try:
-            served = [m.id for m in self.client.models.list().data]
-        except openai.OpenAIError as e:
-            raise JudgeError(f"--base-url {args.base_url}: no OpenAI-compatible server answers there "
-                             f"({type(e).__name__}: {e})") from None
-        if args.served_model_name and args.served_model_name not in served:
-            raise JudgeError(f"--served-model-name {args.served_model_name}: {args.base_url} serves {served}")
-        if not args.served_model_name and len(served) != 1:
-            raise JudgeError(f"{args.base_url} serves {served}; name the judge with --served-model-name")
-        self.model = args.served_model_name or served[0]
-
-    def _call(self, **kwargs):
-        o, delay = self.openai, 1.0
-        for attempt in range(self.args.request_retries + 1):
-            try:
-                return self.client.completions.create(model=self.model, **kwargs)
-            except (o.APIConnectionError, o.RateLimitError, o.InternalServerError) as e:  # APITimeoutError included
-                if attempt == self.args.request_retries:
-                    return RequestFailed(f"{type(e).__name__} after {attempt + 1} tries: {e}")
-                time.sleep(delay)
-                delay *= 2
-            except o.APIError as e:  # 4xx: the request itself is wrong, retrying cannot help
-                return RequestFailed(f"{type(e).__name__}: {e}", "rejected")
-
-    def _map(self, fn, prompts):
-        with ThreadPoolExecutor(max_workers=self.args.concurrency) as pool:
-            return list(pool.map(fn, prompts))
-
-    def choice(self, prompts, letter_ids) -> list:
-        def one(p):
-            r = self._call(prompt=p, max_tokens=1, temperature=0.0, logprobs=1,
-                           extra_body={"logprob_token_ids": list(letter_ids), "return_tokens_as_token_ids": True})
-            if isinstance(r, RequestFailed):
-                return r
-            try:
-                top = r.choices[0].logprobs.top_logprobs[0]
-                return [top[f"token_id:{t}"] for t in letter_ids]
-            except (AttributeError, IndexError, KeyError, TypeError):
-                return RequestFailed("the server returned no log-probs for the verdict letters (choice mode needs "
-                                     "vLLM's logprob_token_ids; use --mode generate with other servers)", "rejected")
-        return self._map(one, prompts)
-
-    def complete(self, prompts, max_tokens: int, temperature: float, seed: int) -> list:
-        def one(p):
-            r = self._call(prompt=p, max_tokens=max_tokens, temperature=temperature, top_p=1.0, seed=seed,
-                           extra_body={"stop_token_ids": self.stop_ids, "top_k": 0})
-            return r if isinstance(r, RequestFailed) else r.choices[0].text
-        return self._map(one, prompts)
-
-
-def make_engine(args, weights: str, tokenizer, tokenizer_path: str, stop_ids, log):
+def make_engine(args: JudgeArgs, stop_ids, tokenizer, max_model_len: int, log):
+    """The judge's engine (engines.py). On CPU "auto" means float32: bf16 logits tie verdict letters (SmolLM2: A and
+    C both at exactly 26.0)."""
     name = args.engine
     if name == "auto":
         name = "openai" if args.base_url else "vllm" if vllm_available() else "hf"
@@ -564,12 +420,17 @@ def make_engine(args, weights: str, tokenizer, tokenizer_path: str, stop_ids, lo
         raise JudgeError("--engine openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
     if name == "vllm" and not vllm_available():
         raise JudgeError("--engine vllm: vLLM is not installed here (requirements-cpu.txt or requirements-gpu.txt)")
-    log(f"judge: starting the {name} engine on {args.base_url if name == 'openai' else weights}")
-    args.batch_size = args.batch_size or DEFAULT_BATCH[name]
+    log(f"judge: starting the {name} engine on {args.base_url if name == 'openai' else args.judge_model}")
+    dtype = "float32" if args.dtype == "auto" and not on_gpu() else args.dtype
     if name == "openai":
-        return OpenAIJudge(args, stop_ids)
-    return VLLMJudge(weights, args, tokenizer_path, stop_ids) if name == "vllm" else \
-        HFJudge(weights, args, tokenizer, stop_ids)
+        return OpenAIEngine(ServerArgs(args.base_url, args.api_key, args.served_model_name, args.concurrency,
+                                       args.request_retries, args.request_timeout), stop_ids, JudgeError)
+    if name == "vllm":
+        engine_args = EngineArgs(dtype=dtype, tensor_parallel_size=args.tensor_parallel_size,
+                                 gpu_memory_utilization=args.gpu_memory_utilization)
+        return VLLMEngine(args.judge_model, args.judge_model, stop_ids, engine_args, args.seed, max_model_len,
+                          error=JudgeError)
+    return HFEngine(args.judge_model, tokenizer, stop_ids, dtype, error=JudgeError)
 
 
 # ---------------------------------------------------------------- judging
@@ -620,15 +481,16 @@ def judge_batch(engine, builder: PromptBuilder, items: list[Item], args) -> list
     for attempt in range(args.retries + 1):
         # attempt 0 greedy; a retry samples (a greedy judge repeats itself), seeded by the attempt
         temperature = 0.0 if attempt == 0 else args.retry_temperature
-        texts = engine.complete([items[i].prompt.ids for i in pending], args.max_new_tokens, temperature,
-                                args.seed + attempt)
+        answers = engine.complete([items[i].prompt.ids for i in pending], args.max_new_tokens, temperature,
+                                  seed=args.seed + attempt)
         still = []
-        for i, text in zip(pending, texts):
+        for i, answer in zip(pending, answers):
             res = results[i]
             res["attempts"] = attempt + 1
-            if isinstance(text, RequestFailed):
-                res.update(error=str(text), error_kind=text.kind)
+            if isinstance(answer, RequestFailed):
+                res.update(error=str(answer), error_kind=answer.kind)
                 continue
+            text = answer.text
             res["raw_outputs"].append(text)
             res["verdict"] = parse_verdict(text)
             if res["verdict"] == "error":
@@ -642,19 +504,10 @@ def judge_batch(engine, builder: PromptBuilder, items: list[Item], args) -> list
     return results
 
 
-def run(args, log=print, engine=None) -> dict:
+def run(args: JudgeArgs, log=print, engine=None) -> dict:
     """Judge every pair not yet in --out, then summarise. `engine` lets a test hand in a fake judge."""
-    from models import load_tokenizer, model_fingerprint
-
     started = time.time()
-    out = Path(args.out)
-    if out.is_dir():
-        raise JudgeError(f"--out {out}: is a folder; name a .jsonl file")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        lock = OutputLock(out, JudgeError, "judge.py")  # noqa: F841  (held while run() runs)
-    except OSError as e:
-        raise JudgeError(f"--out {out}: cannot write there ({e.strerror})") from None
+    out = KeyedJsonl(Path(args.out), JudgeError, "judge.py", log)
     template = TEMPLATES[args.template]
     version = template.version(args.mode)
     local = Path(args.judge_model).expanduser().exists()
@@ -679,29 +532,21 @@ def run(args, log=print, engine=None) -> dict:
         calibration = calibration_pairs(args.calibrate or list(CALIBRATION_SETS), candidate_model,
                                         args.calibration_limit, args.seed, log)
 
-    tokenizer_path = args.judge_model
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(args.judge_model)
     builder = PromptBuilder(tokenizer, template, args.mode)
     context = context_length(model_config(args.judge_model)) or 8192  # a hub id: Llama-3's; vLLM checks it
-    args.max_model_len = args.max_model_len or min(context, 8192)
-    budget = args.max_model_len - (1 if args.mode == "choice" else args.max_new_tokens)
+    max_model_len = args.max_model_len or min(context, 8192)
+    budget = max_model_len - (1 if args.mode == "choice" else args.max_new_tokens)
     if budget < 1:
         raise JudgeError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in --max-model-len "
-                         f"{args.max_model_len}")
+                         f"{max_model_len}")
 
-    dropped = repair_tail(out)
-    if dropped:
-        log(f"{out}: cut a torn last line ({dropped} bytes) left by a kill")
-    try:
-        old_rows = read_jsonl(out)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise JudgeError(f"--out {out}: cannot resume from it ({e}); move it aside or fix that line") from None
-    for number, row in enumerate(old_rows, 1):
+    for number, row in enumerate(out.rows, 1):
         if not isinstance(row, dict) or not all(k in row for k in ("key", "task", "pair_id", "candidate_position",
                                                                      "verdict")):
-            raise JudgeError(f"--out {out} row {number}: not a judge.py verdict (is it another kind of file?)")
-    done = {row["key"]: row for row in old_rows}  # the newest row of a key wins (a retried error)
-    written = {identity(row["task"], row["pair_id"], row["candidate_position"], row["key"]) for row in old_rows}
+            raise JudgeError(f"--out {out.path} row {number}: not a judge.py verdict (is it another kind of file?)")
+    done = out.done  # the newest row of a key wins (a retried error)
+    written = {identity(row["task"], row["pair_id"], row["candidate_position"], row["key"]) for row in out.rows}
 
     items = []
     for pair in pairs + calibration:
@@ -714,8 +559,8 @@ def run(args, log=print, engine=None) -> dict:
     for item in items:
         row = done.get(item.key)
         if row is None and item.answer_a == item.answer_b:  # AlpacaEval's rule: identical answers tie, unjudged
-            write_row(out, done, item, dict(verdict="tie", raw_outputs=[], attempts=0, error=None, error_kind=None,
-                                            identical_answers=True), common, sides, "none")
+            write_row(out, item, dict(verdict="tie", raw_outputs=[], attempts=0, error=None, error_kind=None,
+                                      identical_answers=True), common, sides, "none")
             written.add(identity(item.pair.task, item.pair.id, item.candidate_position, item.key))
             row = done[item.key]
         retry = row is not None and row["verdict"] == "error" and (
@@ -734,21 +579,21 @@ def run(args, log=print, engine=None) -> dict:
         todo = [it for it in todo if len(it.prompt.ids) <= budget]
         for item in too_long:
             res = dict(verdict="error", raw_outputs=[], attempts=0, error_kind="too_long",
-                       error=f"the judge prompt has {len(item.prompt.ids)} tokens; --max-model-len {args.max_model_len}"
+                       error=f"the judge prompt has {len(item.prompt.ids)} tokens; --max-model-len {max_model_len}"
                              f" leaves {budget}")
-            write_row(out, done, item, res, common, sides, "none")
+            write_row(out, item, res, common, sides, "none")
         if todo:
             stop_ids = stop_token_ids(tokenizer, args.judge_model) if local else [tokenizer.eos_token_id]
             if engine is None:
-                engine = make_engine(args, args.judge_model, tokenizer, tokenizer_path, stop_ids, log)
-            args.batch_size = args.batch_size or DEFAULT_BATCH.get(getattr(engine, "name", ""), 8)
-            calls = judge_all(engine, builder, todo, args, out, done, common, sides)
+                engine = make_engine(args, stop_ids, tokenizer, max_model_len, log)
+            batch_size = args.batch_size or DEFAULT_BATCH.get(getattr(engine, "name", ""), 8)
+            calls = judge_all(engine, builder, todo, args, batch_size, out, common, sides)
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     for item in items:  # a judgment another pair (or an earlier run) already made, filed under this pair too
         if identity(item.pair.task, item.pair.id, item.candidate_position, item.key) not in written:
             row = {**done[item.key], **row_identity(item, sides), "cached": True, "timestamp": stamp}
             row["winner"] = unswap(row["verdict"], item.candidate_position)
-            append_jsonl(out, row)
+            append_jsonl(out.path, row)  # a copy under this pair's identity; `done` keeps the judgment itself
             written.add(identity(item.pair.task, item.pair.id, item.candidate_position, item.key))
     summary = summarize(pairs, calibration, done, args, judge_id, version, sides, missing)
     failed = [it for it in items if done[it.key].get("error_kind") == "request"]
@@ -757,7 +602,7 @@ def run(args, log=print, engine=None) -> dict:
         summary["calibration"] = known_calibration
         summary["calibration_note"] = None if known_calibration else \
             "not measured: run with --calibrate, or pass --calibration FILE"
-    path = summary_path(out)
+    path = summary_path(out.path)
     tmp = path.with_name(path.name + ".tmp")  # a reader (the analysis of a running sweep) never sees half a summary
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, path)
@@ -791,27 +636,24 @@ def row_identity(item: Item, sides: dict) -> dict:
     return identity
 
 
-def write_row(out: Path, done: dict, item: Item, res: dict, common: dict, sides: dict, engine_name: str) -> None:
-    row = {"key": item.key, **row_identity(item, sides), **common, "engine": engine_name,
-           "judge_prompt_tokens": len(item.prompt.ids) if item.prompt else None, **res,
-           "winner": unswap(res["verdict"], item.candidate_position),
-           "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    append_jsonl(out, row)
-    done[item.key] = row
+def write_row(out: KeyedJsonl, item: Item, res: dict, common: dict, sides: dict, engine_name: str) -> None:
+    out.append({"key": item.key, **row_identity(item, sides), **common, "engine": engine_name,
+                "judge_prompt_tokens": len(item.prompt.ids) if item.prompt else None, **res,
+                "winner": unswap(res["verdict"], item.candidate_position),
+                "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
 
-def judge_all(engine, builder, todo: list[Item], args, out: Path, done: dict, common: dict, sides: dict) -> int:
-    from tqdm import tqdm
-
+def judge_all(engine, builder, todo: list[Item], args, batch_size: int, out: KeyedJsonl, common: dict,
+              sides: dict) -> int:
     todo = sorted(todo, key=lambda it: len(it.prompt.ids))
     bar = tqdm(total=len(todo), unit="verdict", desc="judge", file=sys.stderr, dynamic_ncols=True)
     calls = 0
-    for start in range(0, len(todo), args.batch_size):
-        batch = todo[start:start + args.batch_size]
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start:start + batch_size]
         results = judge_batch(engine, builder, batch, args)
         calls += sum(r["attempts"] for r in results)
         for item, res in zip(batch, results):
-            write_row(out, done, item, res, common, sides, getattr(engine, "name", "custom"))
+            write_row(out, item, res, common, sides, getattr(engine, "name", "custom"))
         bar.update(len(batch))
     bar.close()
     return calls
@@ -820,32 +662,12 @@ def judge_all(engine, builder, todo: list[Item], args, out: Path, done: dict, co
 # ---------------------------------------------------------------- summary
 
 
-SCORE = {"candidate": 1.0, "tie": 0.5, "baseline": 0.0}
-
-
-def combine(winners: list[str]) -> str:
-    """One pair's outcome from its judgments: any error is an error; two orders that disagree are a tie
-    (FastChat's rule for MT-Bench pairwise judging)."""
-    if "error" in winners:
-        return "error"
-    return winners[0] if len(set(winners)) == 1 else "tie"
-
-
-def bootstrap_ci(scores, seed: int = 0, level: float = 0.95, n: int = BOOTSTRAP) -> list[float] | None:
-    """Percentile bootstrap of the mean over pairs (the unit that was sampled)."""
-    import numpy as np
-
-    scores = np.asarray(scores, dtype=float)
-    if scores.size == 0:
-        return None
-    rng = np.random.default_rng(seed)
-    means = scores[rng.integers(0, scores.size, size=(n, scores.size))].mean(axis=1)
-    return [round(float(q), 4) for q in np.quantile(means, [(1 - level) / 2, (1 + level) / 2])]
-
-
 def _mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return round(sum(values) / len(values), 4) if values else None
+    return mean(values, 4)
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
 
 
 def placed_keys(pair: Pair, args, judge_id: str, version: str) -> list[tuple[str, str]]:
@@ -871,10 +693,10 @@ def position_stats(judged: list[tuple[Pair, list[dict]]]) -> dict:
         return r and r["verdict"] != "error" and not r.get("identical_answers")
 
     rows = [r for _, rs in judged for r in rs if asked(r)]
-    first = _mean([{"A": 1.0, "tie": 0.5, "B": 0.0}[r["verdict"]] for r in rows])
     both = [rs for _, rs in judged if len(rs) == 2 and all(asked(r) for r in rs)]
-    consistency = _mean([1.0 if rs[0]["winner"] == rs[1]["winner"] else 0.0 for rs in both]) if both else None
-    return {"first_position_rate": first, "consistency": consistency, "consistency_pairs": len(both)}
+    return {"first_position_rate": _rounded(first_position_rate([r["verdict"] for r in rows])),
+            "consistency": _rounded(order_consistency([[rs[0]["winner"], rs[1]["winner"]] for rs in both])),
+            "consistency_pairs": len(both)}
 
 
 def summarize(pairs, calibration, done, args, judge_id, version, sides, missing) -> dict:
@@ -942,10 +764,6 @@ def read_calibration(path: Path, judge_id: str, version: str) -> dict:
     return {**found["calibration"], "source": str(path)}
 
 
-def summary_path(out: Path) -> Path:
-    return out.with_name((out.name[:-len(".jsonl")] if out.name.endswith(".jsonl") else out.name) + ".summary.json")
-
-
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -979,66 +797,13 @@ def summary_lines(s: dict) -> list[str]:
 # ---------------------------------------------------------------- command line
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--candidate", default="", help="generate.py answers of the model judged (a DPO run)")
-    p.add_argument("--baseline", default="", help="generate.py answers it is compared with (the SFT model)")
-    p.add_argument("--judge-model", required=True, help="judge checkpoint folder or hub id (its tokenizer is used "
-                                                        "with every engine)")
-    p.add_argument("--out", required=True, help="JSONL file the verdicts are appended to; summary beside it")
-    p.add_argument("--engine", default="auto", choices=("auto", "vllm", "hf", "openai"),
-                   help="auto: openai with --base-url, else vLLM where it imports, else hf")
-    p.add_argument("--base-url", default="", help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--api-key", default="", help="default $OPENAI_API_KEY, else EMPTY")
-    p.add_argument("--served-model-name", default="", help="the judge's name on the server (default: its only model)")
-    p.add_argument("--concurrency", type=int, default=16, help="openai: requests in flight")
-    p.add_argument("--request-retries", type=int, default=4, help="openai: retries of a failed request (backoff 1, 2, 4 s...)")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="openai: seconds per request")
-    p.add_argument("--order", default="random", choices=("random", "both"))
-    p.add_argument("--seed", type=int, default=0, help="position draws, --limit subsets, retry sampling, bootstrap")
-    p.add_argument("--template", default="hh-v1", choices=sorted(TEMPLATES))
-    p.add_argument("--mode", default="choice", choices=("choice", "generate"))
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="generate mode: the judge's explanation and verdict")
-    p.add_argument("--retries", type=int, default=2, help="generate mode: re-asks of an unparseable verdict")
-    p.add_argument("--retry-temperature", type=float, default=0.7, help="generate mode: sampling for the re-asks")
-    p.add_argument("--retry-errors", action="store_true", help="judge error rows again (request failures always are)")
-    p.add_argument("--limit", type=int, default=0, help="judge a seeded subset of this many pairs")
-    p.add_argument("--candidate-sampling", default="", help="sampling_hash to take from --candidate (default newest)")
-    p.add_argument("--baseline-sampling", default="", help="sampling_hash to take from --baseline (default newest)")
-    p.add_argument("--calibrate", nargs="*", default=None, metavar="SET",
-                   help=f"also judge human-labelled pairs (default {' '.join(CALIBRATION_SETS)}; heldout:<config>)")
-    p.add_argument("--calibration-limit", type=int, default=0, help="seeded subset of this many pairs per set")
-    p.add_argument("--calibration", default="", help="a --calibrate run's summary.json to report beside the win rate")
-    p.add_argument("--batch-size", type=int, default=0, help=f"judgments per engine call, the most a kill loses "
-                                                              f"(default {DEFAULT_BATCH})")
-    p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
-    p.add_argument("--max-model-len", type=int, default=0, help="judge prompt + output tokens (0: the judge's "
-                                                                 "context, at most 8192); longer prompts are error rows")
-    p.add_argument("--tensor-parallel-size", type=int, default=0, help="vLLM; 0 = every visible GPU")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.0, help="vLLM; 0 = 0.9 on GPU, 0.3 on CPU")
-    args = p.parse_args(argv)
-    if bool(args.candidate) != bool(args.baseline):
-        p.error("--candidate and --baseline go together")
-    if not args.candidate and args.calibrate is None:
-        p.error("nothing to judge: give --candidate and --baseline, or --calibrate")
-    for flag, ok, rule in (("--concurrency", args.concurrency >= 1, ">= 1"),
-                           ("--request-retries", args.request_retries >= 0, ">= 0"),
-                           ("--request-timeout", args.request_timeout > 0, "> 0"),
-                           ("--max-new-tokens", args.max_new_tokens >= 1, ">= 1"), ("--retries", args.retries >= 0, ">= 0"),
-                           ("--retry-temperature", args.retry_temperature > 0, "> 0"), ("--limit", args.limit >= 0, ">= 0"),
-                           ("--calibration-limit", args.calibration_limit >= 0, ">= 0"), *engine_rules(args)):
-        if not ok:
-            p.error(f"{flag} must be {rule}")
-    if args.base_url and args.engine not in ("auto", "openai"):
-        p.error(f"--base-url goes with --engine openai, not {args.engine}")
-    return args
+def parse_args(argv=None) -> JudgeArgs:
+    return parse_cli(JudgeArgs, argv, __doc__.split("\n\n")[0])
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from chat_format import FormattingError
-
     try:
         run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except (UserInputError, FormattingError) as e:

@@ -92,13 +92,14 @@ def model_fingerprint(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def _is_local(path: str) -> bool:
+def is_local(path: str) -> bool:
+    """A local folder (or a path that looks like one), not a hub id."""
     return path.startswith((".", "/", "~")) or path.startswith("models/") or Path(path).exists()
 
 
 def _hub_error(kind: str, path: str, error: Exception) -> ModelError:
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    if _is_local(path):
+    if is_local(path):
         hint = "run `make setup` to prepare the default model" if Path(path).resolve() == DEFAULT_MODEL_DIR else \
             "check the folder holds config.json, the weights and the tokenizer files"
         return ModelError(f"model.path={path!r}: cannot load the {kind} from this folder ({first}); {hint}")
@@ -112,7 +113,7 @@ def load_tokenizer(path: str):
     """A tokenizer with a pad token (the EOS when the model has none)."""
     from transformers import AutoTokenizer
 
-    if _is_local(path) and not Path(path).expanduser().exists():
+    if is_local(path) and not Path(path).expanduser().exists():
         raise _hub_error("tokenizer", path, FileNotFoundError("folder not found"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -128,7 +129,7 @@ def load_model(path: str, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    if _is_local(path) and not Path(path).expanduser().exists():
+    if is_local(path) and not Path(path).expanduser().exists():
         raise _hub_error("model", path, FileNotFoundError("folder not found"))
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype == "auto" else getattr(torch, DTYPES[dtype]))

@@ -31,14 +31,19 @@ import threading
 import time
 from pathlib import Path
 
+from config import UserInputError
+from jsonl import read_jsonl
+from models import DEFAULT_MODEL_DIR, TINY_ARCHS, is_local, prepare_default_model, save_tiny_model
+from slurm import stages as st
+from slurm.jobs import ANALYSIS_MARKER
+from slurm.launch import launch
+from slurm.plan import plan_sweep
+from slurm.scheduler import cancel, read_record, scheduler_states, sweep_lock
+from slurm.spec import Sweep, load_sweep
+from slurm.sweep import say as sweep_say
+
 REPO = Path(__file__).resolve().parent
-sys.path[:0] = [str(REPO), str(REPO / "slurm")]
-
-import sweep as sw  # noqa: E402
-from config import UserInputError  # noqa: E402
-from jsonl import read_jsonl  # noqa: E402
-
-STAGES = ("prepare", "sft", "reference", "dpo", "generate", "judge", "analyze")
+STAGES = ("prepare", *st.ORDER)
 
 
 def say(message: str) -> None:
@@ -63,10 +68,8 @@ def choose_executor(requested: str) -> tuple[str, str]:
 # ---------------------------------------------------------------- prepare: models this project can build
 
 
-def local_models(sweep: sw.Sweep, jobs: list[sw.Job]) -> list[tuple[str, str]]:
+def local_models(sweep: Sweep, jobs) -> list[tuple[str, str]]:
     """(path, the sweep key naming it) for every model the sweep reads from a local folder it does not train."""
-    from models import _is_local
-
     named = [(sweep.sft.path, "sft.path")] if sweep.sft.path else []
     for job in (j for j in jobs if j.kind == "sft"):
         named += [(job.config.model.path, f"{sweep.base}: model.path"),
@@ -74,7 +77,7 @@ def local_models(sweep: sw.Sweep, jobs: list[sw.Job]) -> list[tuple[str, str]]:
     named.append((sweep.judge.judge_model, "judge.judge_model"))
     seen, out = set(), []
     for path, key in named:
-        if path and _is_local(path) and path not in seen:
+        if path and is_local(path) and path not in seen:
             seen.add(path)
             out.append((path, key))
     return out
@@ -82,8 +85,6 @@ def local_models(sweep: sw.Sweep, jobs: list[sw.Job]) -> list[tuple[str, str]]:
 
 def buildable(path: str) -> str | None:
     """'default' or a tiny architecture if `path` is a model this project can make here, else None."""
-    from models import DEFAULT_MODEL_DIR, TINY_ARCHS
-
     resolved = Path(path).expanduser().resolve()
     if resolved == DEFAULT_MODEL_DIR.resolve():
         return "default"
@@ -93,16 +94,14 @@ def buildable(path: str) -> str | None:
     return None
 
 
-def prepare_state(sweep: sw.Sweep, jobs: list[sw.Job]) -> tuple[str, str]:
+def prepare_state(sweep: Sweep, jobs) -> tuple[str, str]:
     missing = [(p, k) for p, k in local_models(sweep, jobs) if not Path(p).expanduser().is_dir()]
     if not missing:
         return "completed", "every local model is there"
     return "todo", "to make: " + ", ".join(p for p, _ in missing)
 
 
-def prepare(sweep: sw.Sweep, jobs: list[sw.Job]) -> int:
-    from models import DEFAULT_MODEL_DIR, prepare_default_model, save_tiny_model
-
+def prepare(sweep: Sweep, jobs) -> int:
     todo = [(p, k) for p, k in local_models(sweep, jobs) if not Path(p).expanduser().is_dir()]
     unknown = [f"{p} ({k})" for p, k in todo if buildable(p) is None]
     if unknown:
@@ -125,22 +124,19 @@ def prepare(sweep: sw.Sweep, jobs: list[sw.Job]) -> int:
 
 
 class Snapshot:
-    """Every stage's items with their state (completed | active | submit | waiting | blocked) and progress."""
+    """Every stage's targets with their state (slurm/stages.py: completed | active | submit | waiting | blocked),
+    and the prepare stage's."""
 
-    def __init__(self, sweep: sw.Sweep, sweep_file: str):
+    def __init__(self, sweep: Sweep, sweep_file: str):
         self.sweep, self.sweep_file = sweep, sweep_file
-        self.jobs = sw.build_plan(sweep, sweep_file)
-        self.out = sw.sweep_dir(sweep)
-        record, states, self.generation = sw.generation_state(sweep, self.jobs, self.out, sweep_file)
-        self.judging = sw.judging_plan(sweep, self.jobs, sweep_file, self.generation)
-        sw.classify_judging(self.judging, record, states)
-        self.report = sw.analysis_target(sweep, self.out, record, states)
+        self.plan = st.Plan(sweep, sweep_file).classify()
+        self.out, self.jobs = self.plan.out, self.plan.jobs
+        self.report = self.plan.stage("analyze")[0]
+        self.judging = self.plan.stage("judge")
         self.prepare = prepare_state(sweep, self.jobs)
 
     def items(self, stage: str) -> list:
-        if stage in ("sft", "reference", "dpo"):
-            return [j for j in self.jobs if j.kind == stage]
-        return {"generate": self.generation, "judge": self.judging, "analyze": [self.report]}[stage]
+        return [] if stage == "prepare" else self.plan.stage(stage)
 
     def state(self, stage: str) -> str:
         """completed | active (something runs or is queued) | todo (something left to do, nothing running)."""
@@ -168,18 +164,18 @@ class Snapshot:
 
     def progress(self, stage: str, item) -> str:
         if stage in ("sft", "dpo"):
-            train, _ = sw.last_rows(Path(item.config.output_dir) / "metrics.jsonl")
+            train, _ = st.last_rows(Path(item.config.output_dir) / "metrics.jsonl")
             return f"{item.key} step {train.get('step', 0)}/{item.config.train.max_steps}"
         if stage in ("generate", "judge"):
             rows = len(read_jsonl(item.out)) if item.out.is_file() else 0
             return f"{item.name} {rows} {'answers' if stage == 'generate' else 'verdicts'}"
-        return f"{getattr(item, 'name', item.key)} running"
+        return f"{item.name} running"
 
     def line(self, stages=STAGES) -> str:
         return " | ".join(self.cell(s) for s in stages)
 
 
-def snapshot(sweep: sw.Sweep, sweep_file: str) -> Snapshot | None:
+def snapshot(sweep: Sweep, sweep_file: str) -> Snapshot | None:
     try:
         return Snapshot(sweep, sweep_file)
     except Exception as e:  # a file caught half-written (config.yaml, run.json): the next look will do
@@ -192,9 +188,9 @@ def print_status(snap: Snapshot) -> None:
     for stage in STAGES:
         items = [] if stage == "prepare" else snap.items(stage)
         detail = snap.prepare[1] if stage == "prepare" else "; ".join(
-            f"{getattr(i, 'name', None) or i.key}: {i.state}" for i in items)
+            f"{i.name}: {i.state}" for i in items)
         rows.append({"stage": stage, "state": snap.state(stage), "items": len(items) or 1, "detail": detail})
-    sw.print_table(rows, {k: k for k in rows[0]})
+    st.print_table(rows, {k: k for k in rows[0]})
 
 
 # ---------------------------------------------------------------- redo: set outputs aside
@@ -203,16 +199,16 @@ def print_status(snap: Snapshot) -> None:
 def redo(stage: str, snap: Snapshot) -> None:
     """Move `stage`'s outputs and those of every later stage to <sweep>/replaced/<time>/: they are made again."""
     later = STAGES[STAGES.index(stage):]
-    busy = [f"{s}: {getattr(i, 'name', None) or i.key}" for s in later for i in snap.items(s) if i.state == "active"]
+    busy = [f"{s}: {i.name}" for s in later for i in snap.items(s) if i.state == "active"]
     if busy:
         raise UserInputError(f"cannot redo {stage} while its jobs run ({', '.join(busy)}); wait, or cancel them: "
                              f"python slurm/sweep.py --config {snap.sweep_file} --cancel")
     out = snap.out
     paths = {"sft": [] if snap.sweep.sft.path else [out / "sft"],
-             "reference": [out / "ref_cache"] + [j.config_path.with_suffix(".done") for j in snap.items("reference")],
-             "dpo": [out / j.key for j in snap.items("dpo")],
+             "reference": [out / "ref_cache"] + [Path(t.spec["marker"]) for t in snap.items("reference")],
+             "dpo": [out / t.key for t in snap.items("dpo")],
              "generate": [out / "generations"], "judge": [out / "judgments"],
-             "analyze": [out / sw.ANALYSIS_MARKER]}
+             "analyze": [out / ANALYSIS_MARKER]}
     (out / "replaced").mkdir(parents=True, exist_ok=True)
     target = Path(tempfile.mkdtemp(prefix=datetime.datetime.now().strftime("%Y%m%d-%H%M%S-"), dir=out / "replaced"))
     moved = []
@@ -229,16 +225,13 @@ def redo(stage: str, snap: Snapshot) -> None:
 # ---------------------------------------------------------------- running the stages
 
 
-def run_stage(stage: str, args, sweep: sw.Sweep, jobs: list[sw.Job], out: Path) -> int:
-    """One stage through slurm/sweep.py's own launch functions (the same as its --generate/--judge/--analyze)."""
+def run_stage(stage: str, executor: str, sweep: Sweep, sweep_file: str) -> int:
+    """One stage through slurm/launch.py, as `slurm/sweep.py` runs it for that stage's flag."""
     if stage == "prepare":
-        return prepare(sweep, jobs)
-    launch = argparse.Namespace(config=args.config, executor=args.executor, dry_run=False)
-    with sw.sweep_lock(out):
-        if stage in ("sft", "reference", "dpo"):
-            return sw.submit(launch, sweep, jobs, out, sw.say, kinds=(stage,))
-        submit = {"generate": sw.submit_generation, "judge": sw.submit_judging, "analyze": sw.submit_analysis}[stage]
-        return submit(launch, sweep, jobs, out, sw.say)
+        return prepare(sweep, st.Plan(sweep, sweep_file).jobs)
+    plan = st.Plan(sweep, sweep_file)
+    with sweep_lock(plan.out):
+        return launch(plan, [stage], executor, say=sweep_say)
 
 
 def check_upstream(stages: list[str], snap: Snapshot, executor: str) -> None:
@@ -252,7 +245,7 @@ def check_upstream(stages: list[str], snap: Snapshot, executor: str) -> None:
                              f"`python pipeline.py --config {snap.sweep_file} --stage {before}`, or leave out --stage")
 
 
-def follow(sweep: sw.Sweep, sweep_file: str, started: float, every_s: float, until,
+def follow(sweep: Sweep, sweep_file: str, started: float, every_s: float, until,
            finished: threading.Event | None = None) -> Snapshot | None:
     """Print the progress line whenever it changes (checking every `every_s` seconds, or at once when `finished` is
     set) until until(snapshot)."""
@@ -274,7 +267,7 @@ def elapsed(seconds: float) -> str:
     return f"{minutes}m{s:02d}s"
 
 
-def run_local(args, sweep: sw.Sweep, stages: list[str], out: Path, started: float) -> dict[str, tuple[int, float]]:
+def run_local(args, sweep: Sweep, stages: list[str], started: float) -> dict[str, tuple[int, float]]:
     """Stages one after another in a worker thread; this thread prints the progress line as they go."""
     results: dict[str, tuple[int, float]] = {}
     errors: list[BaseException] = []
@@ -285,7 +278,7 @@ def run_local(args, sweep: sw.Sweep, stages: list[str], out: Path, started: floa
             for stage in stages:
                 t0 = time.time()
                 say(f"stage {stage}")
-                results[stage] = (run_stage(stage, args, sweep, sw.build_plan(sweep, args.config), out), time.time() - t0)
+                results[stage] = (run_stage(stage, args.executor, sweep, args.config), time.time() - t0)
         except BaseException as e:  # handed to the main thread, which prints it like any other error
             errors.append(e)
         finished.set()
@@ -302,10 +295,10 @@ def run_local(args, sweep: sw.Sweep, stages: list[str], out: Path, started: floa
 def summary(snap: Snapshot, stages: list[str], results: dict, started: float) -> int:
     rows = [{"stage": s, "state": snap.state(s), "this run": elapsed(results[s][1]) if s in results else "-",
              "detail": snap.cell(s)} for s in stages]
-    sw.print_table(rows, {k: k for k in rows[0]})
+    st.print_table(rows, {k: k for k in rows[0]})
     for t in snap.judging:
         if t.state == "completed":
-            say(f"{t.name}: {sw.judged_line(t.out)}")
+            say(f"{t.name}: {st.judged_line(t.out)}")
     if snap.report.state == "completed":
         say(f"report: {snap.report.out}/README.md")
     unfinished = [s for s in stages if snap.state(s) != "completed"]
@@ -338,10 +331,8 @@ def main(argv=None) -> int:
         parser.error("--gpu goes with --plan")
     started, out = time.time(), None
     try:
-        sweep = sw.load_sweep(args.config, args.overrides)
+        sweep = load_sweep(args.config, args.overrides)
         if args.plan:
-            from plan import plan_sweep
-
             print("\n".join(plan_sweep(args.config, args.overrides, args.gpu)))
             return 0
         snap = Snapshot(sweep, args.config)
@@ -361,7 +352,7 @@ def main(argv=None) -> int:
                                      f"out --stage")
             check_upstream(stages, snap, args.executor)
         if args.redo:
-            with sw.sweep_lock(out):
+            with sweep_lock(out):
                 redo(args.redo, snap)
             snap = Snapshot(sweep, args.config)
         unfinished = [s for s in stages if snap.state(s) != "completed"]
@@ -371,12 +362,12 @@ def main(argv=None) -> int:
             return summary(snap, stages, {}, started)
         say(f"to do: {', '.join(todo)}")
         if args.executor != "slurm":
-            results = run_local(args, sweep, todo, out, started)
+            results = run_local(args, sweep, todo, started)
             return summary(Snapshot(sweep, args.config), stages, results, started)
         results = {}
         for stage in todo:
             t0 = time.time()
-            results[stage] = (run_stage(stage, args, sweep, sw.build_plan(sweep, args.config), out), time.time() - t0)
+            results[stage] = (run_stage(stage, args.executor, sweep, args.config), time.time() - t0)
         if args.detach:
             say(f"queued; the analysis job writes {snap.report.out}/ when the rest ends. Follow with: python "
                 f"pipeline.py --config {args.config} (it submits nothing twice), or --status")
@@ -394,8 +385,8 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:  # local jobs are this command's children: stop them at a step boundary
         if out is not None and args.executor in ("local", "debug"):
-            record = sw.read_record(out)
-            sw.cancel(record, sw.scheduler_states(record, out), say)
+            record = read_record(out)
+            cancel(record, scheduler_states(record, out), say)
         say(f"interrupted; finished results stay on disk. Again: python pipeline.py --config {args.config}")
         return 130
 

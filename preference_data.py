@@ -2,6 +2,7 @@
 
     pairs, report = load_pairs(cfg.data)          # DataConfig from config.py
     train, eval_ = split_pairs(pairs, cfg.data.eval_fraction, cfg.data.split_seed)
+    cfg, held_out = heldout_pairs("logs/default/sft")    # the pairs a run held out (generate.py, judge.py)
 
 Sources: HH-RLHF dialogues (`\\n\\nHuman: ... \\n\\nAssistant: ...`), explicit prompt/chosen/rejected columns (TRL's
 standard form), TRL's conversational form (lists of {role, content}), the OpenAI/Azure DPO schema
@@ -15,6 +16,7 @@ import csv
 import gzip
 import io
 import json
+import os
 import random
 import re
 from collections import Counter
@@ -22,7 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from config import DataConfig, UserInputError
+from config import DataConfig, UserInputError, load_config
+
+REPO = Path(__file__).resolve().parent
 
 HH_ASSISTANT = "\n\nAssistant:"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -410,3 +414,53 @@ def split_pairs(pairs: list[PreferencePair], eval_fraction: float, seed: int) ->
     train = [p for i, p in enumerate(pairs) if i not in eval_idx]
     held_out = [p for i, p in enumerate(pairs) if i in eval_idx]
     return train, held_out
+
+
+# ---------------------------------------------------------------- what generation and judging read
+
+
+def subset(items: list, limit: int, seed: int) -> list:
+    """A seeded subset kept in source order: the same prompts (or judged pairs) for every model with the same seed."""
+    if not limit or limit >= len(items):
+        return items
+    keep = set(random.Random(seed).sample(range(len(items)), limit))
+    return [x for i, x in enumerate(items) if i in keep]
+
+
+def shared_data() -> Path:
+    """$DPO_SHARED_DATA, else ../shared/data from the working directory (where training configs point), else beside
+    this file's folder (a sweep's jobs run a code snapshot from the directory the sweep was launched in)."""
+    candidates = [Path(os.environ["DPO_SHARED_DATA"])] if os.environ.get("DPO_SHARED_DATA") else []
+    candidates += [Path("../shared/data"), REPO.parent / "shared" / "data"]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+def run_config_of(model: str) -> Path | None:
+    """The training config.yaml of the run that wrote this checkpoint (run/final or run/final/adapter), if any."""
+    folder = Path(model).expanduser()
+    for parent in (folder, folder.parent, folder.parent.parent):
+        if (parent / "config.yaml").is_file() and (parent / "run.json").is_file():
+            return parent / "config.yaml"
+    return None
+
+
+def heldout_pairs(source: str, model: str = "", flag: str = "--prompts", error=DataError) -> tuple:
+    """(training config, the pairs it held out): same data config, same data.split_seed, same split. `source` names
+    the config or run folder; empty, the run that wrote `model`. generate.py answers their prompts, judge.py
+    calibrates on their human labels."""
+    if source:
+        path = Path(source)
+        path = path / "config.yaml" if path.is_dir() else path
+        if not path.is_file():
+            raise error(f"{flag} heldout:{source}: no training config there (a config YAML or a run folder)")
+    else:
+        path = run_config_of(model)
+        if path is None:
+            raise error(f"{flag} heldout: {model} is not the output of a training run (no config.yaml and run.json "
+                        f"beside it); name the data with {flag} heldout:<config YAML or run folder>")
+    cfg = load_config(path)
+    pairs, _ = load_pairs(cfg.data)
+    _, held_out = split_pairs(pairs, cfg.data.eval_fraction, cfg.data.split_seed)
+    if not held_out:
+        raise error(f"{path}: data.eval_fraction={cfg.data.eval_fraction} holds out no pairs")
+    return cfg, held_out

@@ -1,6 +1,6 @@
 """Train the SFT baseline or a DPO-family run from one config.
 
-    python train_dpo.py --config configs/default.yaml [key=value ...] [--dry-run | --precompute-ref]
+    python train_dpo.py --config configs/default.yaml [key=value ...] [--dry-run | --precompute-ref | --plan]
     accelerate launch train_dpo.py --config configs/default.yaml loss.beta=0.05 output_dir=logs/b0.05
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
         --dynamo_backend no train_dpo.py --config ...          # two CPU processes (gloo)
@@ -8,39 +8,45 @@
 loss.name=sft trains on the chosen responses (NLL); loss.name=dpo trains loss.type against a frozen reference whose
 log-probs are computed once per (reference, data, tokenisation) and cached in loss.ref_cache_dir, so a β sweep pays
 for the reference once. --precompute-ref fills that cache and exits. --dry-run validates config and data, prints
-one tokenised example, and exits without training.
+one tokenised example, and exits without training. --plan hands the config to the memory planner (slurm/plan.py).
 
-Writes to output_dir: metrics.jsonl (TRL's metric names, split train/eval), config.yaml, run.json, checkpoints/
-(atomic, resumable with train.resume=auto) and final/ (Hugging Face format; with LoRA also final/adapter/).
+The recipe: setup() (data, policy, optimizer, reference log-probs, resume) -> train() (the loop; train_step() is
+one optimizer step) -> finish() (final eval, checkpoint, final/) -> teardown(). Writes to output_dir (bookkeeping.py):
+metrics.jsonl (TRL's metric names, split train/eval), config.yaml, run.json, checkpoints/ (atomic, resumable with
+train.resume=auto) and final/ (Hugging Face format; with LoRA also final/adapter/).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import errno
 import hashlib
 import json
 import math
 import os
-import platform
 import random
-import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, gather_object
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from bookkeeping import (DiskFullError, check_output_dir, disk_full_reason, find_checkpoint, full_numel,
+                         launched_as_rank_zero, now, parameter_checksum, run_record, save_checkpoint, save_final,
+                         warn_if_disk_short, write_run_json, zero3)
 from chat_format import IGNORE_INDEX, resolve_template, sequence_and_labels, tokenize_pairs
 from config import Config, UserInputError, load_config, to_yaml
+from dpo_loss import LENGTH_AVERAGED, preference_loss, sequence_logps, token_logps
 from jsonl import append_jsonl, read_jsonl, rewrite_jsonl
 from models import load_model, load_tokenizer, model_fingerprint
 from preference_data import load_pairs, split_pairs
 
-REPO = Path(__file__).resolve().parent
 CACHE_VERSION = 2
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class NonFiniteError(RuntimeError):
@@ -49,89 +55,6 @@ class NonFiniteError(RuntimeError):
 
 class Interrupted(Exception):
     """SIGTERM/SIGUSR1/SIGUSR2 arrived: the run saved a checkpoint at a step boundary and stops."""
-
-
-class DiskFullError(RuntimeError):
-    """A checkpoint or the final model did not fit on the output filesystem; the partial write was removed."""
-
-
-def launched_as_rank_zero() -> bool:
-    """Rank 0 of the launch (or a single process), for output before a process group exists or after it is gone."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
-def free_bytes(path: Path) -> int | None:
-    """Free bytes on the filesystem holding path (its nearest existing parent)."""
-    path = Path(path).absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return None
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()) if Path(folder).is_dir() else 0
-
-
-def disk_full_reason(error: BaseException, path: Path) -> str | None:
-    """Why a write failed, when it failed for lack of space, however the writer reports it: an OSError (ENOSPC or
-    EDQUOT), safetensors' SafetensorError ("os error 28"), or torch.save's RuntimeError from its stream writer, which
-    names no cause. None for every other error."""
-    text = str(error)
-    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or any(
-            s in text for s in ("No space left on device", "os error 28")):
-        return "no space left"
-    if (isinstance(error, OSError) and error.errno == errno.EDQUOT) or any(
-            s in text for s in ("Disk quota exceeded", "os error 122")):
-        return "disk quota exceeded"
-    if isinstance(error, RuntimeError) and any(s in text for s in ("PytorchStreamWriter", "inline_container")):
-        free = free_bytes(path)
-        return "no space left" if free is not None and free < 64 * 2**20 else "a write failed (full disk or quota?)"
-    return None
-
-
-def write_agreed(accelerator, tmp: Path, what: str, out_dir: Path, write, every_process: bool = True) -> None:
-    """Runs write() (on every process, or on the main one only) and agrees on the outcome: when it failed for lack of
-    space on any process, the main process removes the partial folder `tmp` and every process raises the same
-    DiskFullError, saying what was being written, how much, what is free, and which checkpoint is kept, so that
-    none waits at a barrier the others have left and a re-run resumes. Other errors propagate as they are.
-    (DeepSpeed's own checkpoint writer has barriers inside: there a full disk on one rank can still hang the rest.)"""
-    from accelerate.utils import broadcast_object_list, gather_object
-
-    failure = None
-    if every_process or accelerator.is_main_process:
-        try:
-            write()
-        except Exception as e:
-            reason = disk_full_reason(e, tmp)
-            if reason is None:
-                raise
-            failure = f"{reason} on the device holding {out_dir} while writing {what} ({type(e).__name__}: " \
-                      f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else e!r})"
-    if accelerator.num_processes > 1:
-        if every_process:
-            failure = next((f for f in gather_object([failure]) if f), None)
-        else:
-            failure = broadcast_object_list([failure])[0]
-    if failure is None:
-        return
-    message = None
-    if accelerator.is_main_process:
-        written = folder_bytes(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-        kept, free = find_checkpoint(out_dir), free_bytes(out_dir)
-        message = (f"{failure}; {gib(written)} had been written, {gib(free or 0)} is free after removing it. "
-                   + (f"The last complete checkpoint, {kept}, is kept: free space and run again to resume from it."
-                      if kept else "No earlier checkpoint exists: free space and run again."))
-    if accelerator.num_processes > 1:
-        message = broadcast_object_list([message])[0]  # one message, the same on every process
-    raise DiskFullError(message)
 
 
 # ---------------------------------------------------------------- data
@@ -173,11 +96,28 @@ def epoch_batches(n_pairs: int, lengths: list[int], global_batch: int, seed: int
     return batches
 
 
+class Batches:
+    """The training batches as one sequence over epochs: micro-batch `index` is this process's share of a global
+    batch of epoch_batches, and the fractional epoch it falls in."""
+
+    def __init__(self, pairs: list, global_batch: int, micro_bs: int, rank: int, seed: int):
+        self.pairs, self.global_batch, self.micro_bs, self.rank, self.seed = pairs, global_batch, micro_bs, rank, seed
+        self.lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+        self.per_epoch = len(epoch_batches(len(pairs), self.lengths, global_batch, seed, 0))
+        self.epoch, self.batches = -1, []
+
+    def __getitem__(self, index: int) -> tuple[list, float]:
+        epoch, within = divmod(index, self.per_epoch)
+        if epoch != self.epoch:
+            self.epoch, self.batches = epoch, epoch_batches(len(self.pairs), self.lengths, self.global_batch,
+                                                            self.seed, epoch)
+        chosen = self.batches[within][self.rank * self.micro_bs:(self.rank + 1) * self.micro_bs]
+        return [self.pairs[i] for i in chosen], epoch + within / self.per_epoch
+
+
 def collate(pairs, pad_token_id: int, with_rejected: bool = True) -> dict:
     """Chosen (and rejected) of every pair in one batch: rows [chosen_0..chosen_B-1, rejected_0..rejected_B-1],
     right-padded to the longest row; labels mask the prompts and the padding."""
-    import torch
-
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs]
     if with_rejected:
         rows += [(p.prompt_ids, p.rejected_ids) for p in pairs]
@@ -206,11 +146,6 @@ def add_logps_head(model, chunk_tokens: int = 1024):
     Equals dpo_loss.sequence_logps on the full logits (tested). Calls without logps_labels run the original forward;
     heads that transform logits (soft-capping, scaling) take the full-logits path.
     """
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    from dpo_loss import sequence_logps, token_logps
-
     original_forward = model.forward
     backbone = getattr(model, model.base_model_prefix)
     lm_head = model.get_output_embeddings()
@@ -250,10 +185,6 @@ def to_device(batch, device):
 
 def pair_terms(cfg: Config, logps, n_tokens, ref_chosen, ref_rejected):
     """Loss per pair and the per-pair values behind the logged metrics, from summed log-probs."""
-    import torch
-
-    from dpo_loss import LENGTH_AVERAGED, preference_loss
-
     half = logps.shape[0] // 2
     chosen, rejected = logps[:half], logps[half:]
     n_chosen, n_rejected = n_tokens[:half].clamp(min=1), n_tokens[half:].clamp(min=1)
@@ -322,10 +253,6 @@ def padded_shards(items: list, batch_size: int, rank: int, world: int) -> list[t
 def compute_logps(model, pairs, accelerator, batch_size: int, pad_token_id: int, progress: str = "") -> dict:
     """{pair id: (chosen sum, rejected sum, chosen tokens, rejected tokens)} over all pairs, in eval mode and without
     gradients, the work split across processes."""
-    import torch
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
-
     results = {}
     was_training = model.training
     model.eval()
@@ -348,8 +275,6 @@ def compute_logps(model, pairs, accelerator, batch_size: int, pad_token_id: int,
 
 def reference_logps(cfg: Config, accelerator, get_reference, pairs, pad_token_id, log) -> tuple[dict, dict]:
     """Reference log-probs for these pairs from the cache, or computed once with get_reference() and cached."""
-    import torch
-
     key = reference_key(cfg, pairs)
     path = Path(cfg.loss.ref_cache_dir) / f"{key}.pt"
     info = {"key": key, "path": str(path), "forward_passes": 0, "cache": "hit"}
@@ -372,8 +297,6 @@ def reference_logps(cfg: Config, accelerator, get_reference, pairs, pad_token_id
 
 
 def ref_tensors(ref: dict | None, pairs, device):
-    import torch
-
     if ref is None:
         return None, None
     values = torch.tensor([ref[p.id] for p in pairs], dtype=torch.float32, device=device)
@@ -385,8 +308,6 @@ def ref_tensors(ref: dict | None, pairs, device):
 
 def evaluate(cfg: Config, model, pairs, ref, accelerator, pad_token_id) -> dict:
     """Held-out metrics: loss, rewards/*, logps/*, perplexity of chosen responses, KL estimate; all processes."""
-    import torch
-
     if cfg.train.max_eval_pairs:
         pairs = pairs[:cfg.train.max_eval_pairs]
     values = compute_logps(model, pairs, accelerator, cfg.train.eval_batch_size, pad_token_id)
@@ -401,161 +322,11 @@ def evaluate(cfg: Config, model, pairs, ref, accelerator, pad_token_id) -> dict:
     return summarise(terms)
 
 
-# ---------------------------------------------------------------- run bookkeeping
-
-
-def config_hash(cfg: Config) -> str:
-    return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "accelerate", "peft", "deepspeed", "datasets"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def write_run_json(out_dir: Path, info: dict) -> None:
-    tmp = out_dir / "run.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, out_dir / "run.json")
-
-
-def find_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint: a step-N folder with trainer_state.json (written last, before the rename)."""
-    folders = sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    complete = [p for p in folders if (p / "trainer_state.json").is_file()]
-    return complete[-1] if complete else None
-
-
-def full_numel(p) -> int:
-    """A parameter's full size: under ZeRO-3 it holds only this process's shard and ds_numel is the whole."""
-    return getattr(p, "ds_numel", p.numel())
-
-
-def warn_if_disk_short(model, trainable, keep: int, out_dir: Path, say) -> None:
-    """Say at the start, not hours later, when this run's files will not fit in what is free plus what its earlier
-    files hold. Its peak: keep + 1 checkpoints (weights and AdamW's two moments) while the newest is written, or keep
-    of them and final/ at the end. An estimate (DeepSpeed adds fp32 master weights under bf16)."""
-    def size(p):
-        return full_numel(p) * p.element_size()
-    weights = sum(size(p) for p in model.parameters())
-    per_checkpoint = weights + 2 * sum(size(p) for p in trainable)
-    need = max((keep + 1) * per_checkpoint, keep * per_checkpoint + weights)
-    free = free_bytes(out_dir)
-    if free is not None and need > free + folder_bytes(out_dir / "checkpoints") + folder_bytes(out_dir / "final"):
-        say(f"warning: this run's files need about {gib(need)} at their peak ({keep + 1} checkpoint(s) of "
-            f"{gib(per_checkpoint)} while the newest is written; final/ {gib(weights)}) but {gib(free)} is free on "
-            f"the filesystem holding {out_dir}: the run will stop with an error when it fills")
-
-
-def save_checkpoint(accelerator, out_dir: Path, step: int, state: dict, keep: int) -> Path:
-    """Atomic: everything goes to a temporary folder, then one rename makes it visible."""
-    final = out_dir / "checkpoints" / f"step-{step:06d}"
-    tmp = out_dir / "checkpoints" / f".tmp-step-{step:06d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-
-    def write():
-        accelerator.save_state(str(tmp))
-        if accelerator.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    # every rank writes its own RNG file: write_agreed's collective is also the barrier before the rename
-    write_agreed(accelerator, tmp, f"the step-{step} checkpoint", out_dir, write)
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        older = sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]
-        for old in older:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def save_final(cfg: Config, accelerator, model, tokenizer, out_dir: Path) -> None:
-    """final/ in Hugging Face format, in model.dtype (bf16 rounding would erase DPO-sized updates). With LoRA:
-    final/adapter/ holds the adapter and final/ the merged model, which vLLM loads directly. Under DeepSpeed the
-    weights are those the engine computes with (bf16 with train.mixed_precision=bf16; the fp32 master weights stay in
-    checkpoints/, which DeepSpeed's zero_to_fp32.py there turns into a state dict)."""
-    final, tmp = out_dir / "final", out_dir / ".tmp-final"
-    state_dict = accelerator.get_state_dict(model)  # every process: under ZeRO-3 this gathers the shards to rank 0
-
-    def write():  # the main process only
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped, weights = accelerator.unwrap_model(model), state_dict
-        if cfg.lora.r:
-            unwrapped.save_pretrained(tmp / "adapter", state_dict=weights)
-            unwrapped, weights = merge_lora(cfg, accelerator, unwrapped, tmp / "adapter"), None
-        unwrapped.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    write_agreed(accelerator, tmp, "the final model", out_dir, write, every_process=False)
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    accelerator.wait_for_everyone()
-
-
-def merge_lora(cfg: Config, accelerator, model, adapter_dir: Path):
-    """The base model with the adapter merged in. Under ZeRO-3 this process holds only a shard of every base weight,
-    so the base is loaded again, whole, on this process alone, and the adapter just saved is merged into it."""
-    if not zero3(accelerator):
-        return model.merge_and_unload()
-    from peft import PeftModel
-    from transformers.integrations import unset_hf_deepspeed_config
-
-    # While accelerate's DeepSpeed config is registered, from_pretrained shards the weights at load (zero.Init), a
-    # collective that would wait forever for the other processes. (accelerate 1.15's zero3_init_context_manager
-    # registers the config again whatever its argument.)
-    unset_hf_deepspeed_config()
-    try:
-        base = load_model(cfg.model.path, cfg.model.dtype)
-        return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    finally:
-        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
-
-
-def parameter_checksum(model) -> float:
-    """Sum of every parameter in float64. Under ZeRO-3 each process holds shards: every parameter is gathered in turn
-    (a collective, so every process calls this), and the sums agree across processes as they do under DDP."""
-    total = 0.0
-    for p in model.parameters():
-        if hasattr(p, "ds_id"):
-            import deepspeed
-
-            gathered = deepspeed.zero.GatheredParameters([p])
-        else:
-            gathered = contextlib.nullcontext()
-        with gathered:
-            total += float(p.detach().double().sum())
-    return total
-
-
 # ---------------------------------------------------------------- model setup
 
 
 def disable_dropout(model) -> None:
     """Dropout makes policy and reference log-probs disagree at step 0; TRL disables it too."""
-    import torch
-
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -563,8 +334,6 @@ def disable_dropout(model) -> None:
 
 def freeze_first_layers(model, n_layers: int) -> None:
     """Freeze the input embeddings and the first n transformer blocks (the smolLM notebook's memory trick)."""
-    import torch
-
     n_total = model.config.num_hidden_layers
     blocks = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_total), None)
     if blocks is None:
@@ -584,6 +353,7 @@ def build_policy(cfg: Config):
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.r:
+        # peft takes ~7 s to import (it loads transformers' model registry): a run without LoRA does not pay it
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
 
@@ -611,14 +381,7 @@ def lr_lambda(cfg: Config):
     return factor
 
 
-# ---------------------------------------------------------------- the run
-
-
 def make_accelerator(cfg: Config):
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     # On CPU, launched processes need gloo; without it DeepSpeed ranks each believe they are rank 0.
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
@@ -632,12 +395,6 @@ def make_accelerator(cfg: Config):
     return accelerator
 
 
-def zero3(accelerator) -> bool:
-    """DeepSpeed ZeRO-3: parameters are sharded across processes from the moment they are loaded (zero.Init)."""
-    plugin = accelerator.state.deepspeed_plugin
-    return plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
-
-
 def prepare_frozen(accelerator, model):
     """A frozen model for forward passes only (the reference), beside or without the prepared policy. Under DeepSpeed
     it runs in an engine of its own, as TRL's reference does: one without an optimizer, at stage 3 when the policy is
@@ -648,7 +405,7 @@ def prepare_frozen(accelerator, model):
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
         return model.to(accelerator.device)
-    import deepspeed
+    import deepspeed  # only under DeepSpeed: it is slow to import and patches torch
 
     ds = plugin.deepspeed_config
     zero = {k: v for k, v in ds["zero_optimization"].items() if v != "auto"} if zero3(accelerator) else {"stage": 0}
@@ -657,231 +414,248 @@ def prepare_frozen(accelerator, model):
     return deepspeed.initialize(model=model, config=config)[0]
 
 
-def check_output_dir(cfg: Config, out_dir: Path) -> str | None:
-    """'completed' if this exact config already finished here; refuses a folder used by another config."""
-    run_json, saved = out_dir / "run.json", out_dir / "config.yaml"
-    if not run_json.is_file():
-        return None
-    info = json.loads(run_json.read_text())
-    if cfg.train.resume == "never":
-        raise UserInputError(f"{out_dir} holds a previous run (run.json); use train.resume=auto or a new output_dir")
-    if saved.is_file() and saved.read_text() != to_yaml(cfg):
-        raise UserInputError(f"{out_dir}/config.yaml differs from this run's config; resuming would mix two runs. "
-                             f"Use a new output_dir or the same config")
-    return info.get("status")
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """What one training run holds while it runs."""
+    cfg: Config
+    accelerator: Accelerator
+    tokenizer: object
+    train_pairs: list
+    eval_pairs: list
+    info: dict                        # run.json
+    out_dir: Path
+    say: object
+    model: object = None
+    trainable: list = field(default_factory=list)
+    optimizer: object = None
+    scheduler: object = None
+    ref: dict | None = None           # reference log-probs per pair id (None: SFT, SimPO)
+    batches: Batches | None = None
+    step: int = 0
+    tokens: int = 0
+    epoch: float = 0.0
+    elapsed_before: float = 0.0       # seconds trained before this attempt (resumed runs)
+    started: float = field(default_factory=time.time)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def state(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed_before + time.time() - self.started}
+
+    def log(self, row: dict) -> None:
+        if self.main:
+            append_jsonl(self.out_dir / "metrics.jsonl", row)
+
+
+def reference_model(cfg: Config, accelerator, policy):
+    """The frozen reference, asked for only when its log-probs are not cached: the policy itself before any update
+    (with LoRA the adapters start at zero, a no-op) or loss.reference_path."""
+    if not cfg.loss.reference_path:
+        return policy
+    return prepare_frozen(accelerator, add_logps_head(load_model(cfg.loss.reference_path, cfg.model.dtype)))
+
+
+def setup(cfg: Config, log=print) -> Run:
+    """Data, policy, optimizer and reference log-probs; resumed from the newest checkpoint when there is one."""
+    out_dir = Path(cfg.output_dir)
+    accelerator = make_accelerator(cfg)
+    say = log if accelerator.is_main_process else (lambda *_: None)
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log=say)
+    global_batch = cfg.train.batch_size * accelerator.num_processes
+    if len(train_pairs) < global_batch:
+        raise UserInputError(f"{len(train_pairs)} training pairs cannot fill one batch of "
+                             f"train.batch_size={cfg.train.batch_size} x {accelerator.num_processes} processes")
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    resume_from = find_checkpoint(out_dir) if cfg.train.resume == "auto" else None
+    run = Run(cfg, accelerator, tokenizer, train_pairs, eval_pairs,
+              run_record(cfg, out_dir, accelerator.num_processes, resume_from, len(train_pairs), len(eval_pairs)),
+              out_dir, say)
+    if run.main:
+        write_run_json(out_dir, run.info)
+
+    model = build_policy(cfg)
+    run.trainable = [p for p in model.parameters() if p.requires_grad]
+    run.info["parameters"] = {"total": sum(full_numel(p) for p in model.parameters()),
+                              "trainable": sum(full_numel(p) for p in run.trainable)}
+    if run.main:
+        warn_if_disk_short(model, run.trainable, cfg.train.keep_checkpoints, out_dir, say)
+    optimizer = torch.optim.AdamW(run.trainable, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
+                                  weight_decay=cfg.train.weight_decay)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    run.model, run.optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(run.scheduler)  # stepped here once per optimizer step, not by accelerate
+    if cfg.loss.name == "dpo" and cfg.loss.type != "simpo":  # before load_state: the policy holds its start weights
+        run.ref, run.info["reference"] = reference_logps(
+            cfg, accelerator, lambda: reference_model(cfg, accelerator, run.model), train_pairs + eval_pairs,
+            tokenizer.pad_token_id, say)
+    if resume_from:
+        accelerator.load_state(str(resume_from))
+        state = json.loads((resume_from / "trainer_state.json").read_text())
+        run.step, run.tokens, run.elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
+        if run.main:  # drop lines logged after the checkpoint: the resumed run logs those steps again
+            rewrite_jsonl(out_dir / "metrics.jsonl",
+                          [r for r in read_jsonl(out_dir / "metrics.jsonl") if r["step"] <= run.step])
+        say(f"resumed from {resume_from} at step {run.step}")
+    if run.main:
+        write_run_json(out_dir, run.info)
+    run.batches = Batches(train_pairs, global_batch, cfg.train.batch_size, accelerator.process_index, cfg.train.seed)
+    run.epoch = run.step * cfg.train.grad_accum / run.batches.per_epoch
+    run.started = time.time()
+    return run
 
 
 def train(cfg: Config, log=print) -> dict:
-    import torch
-    from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
-
+    """The run from where it stands to train.max_steps; returns run.json's content."""
     out_dir = Path(cfg.output_dir)
     if check_output_dir(cfg, out_dir) == "completed":  # before any process group exists: every rank just returns
         if launched_as_rank_zero():
             log(f"{out_dir}: already completed with this config; nothing to do")
         return json.loads((out_dir / "run.json").read_text())
-    accelerator = make_accelerator(cfg)
-    main_process = accelerator.is_main_process
-    say = log if main_process else (lambda *_: None)
-    torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log=say)
-    if main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(to_yaml(cfg))
-    checkpoint = find_checkpoint(out_dir) if cfg.train.resume == "auto" else None
-    previous = json.loads((out_dir / "run.json").read_text()) if (out_dir / "run.json").is_file() else {}
-    run_info = {
-        "status": "running", "config_hash": config_hash(cfg), "git_commit": git_commit(), "versions": versions(),
-        "host": socket.gethostname(), "seed": cfg.train.seed, "loss": cfg.loss.name,
-        "slurm": {k: os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",
-                                             "SLURM_RESTART_COUNT") if k in os.environ},
-        "world_size": accelerator.num_processes, "started": previous.get("started", now()), "attempt_started": now(),
-        "resumed_from": str(checkpoint) if checkpoint else None,
-        "train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs), "max_steps": cfg.train.max_steps,
-    }
-    if main_process:
-        write_run_json(out_dir, run_info)
-
-    model = build_policy(cfg)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    run_info["parameters"] = {"total": sum(full_numel(p) for p in model.parameters()),
-                              "trainable": sum(full_numel(p) for p in trainable)}
-    if main_process:
-        warn_if_disk_short(model, trainable, cfg.train.keep_checkpoints, out_dir, say)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
-                                  weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # stepped here once per optimizer step, not by accelerate
-
-    ref = None
-    if cfg.loss.name == "dpo" and cfg.loss.type != "simpo":
-        def get_reference():  # runs before load_state, so the policy still holds its starting weights
-            if not cfg.loss.reference_path:
-                return model  # the policy is the reference (with LoRA: B starts at zero, adapters are a no-op)
-            return prepare_frozen(accelerator, add_logps_head(load_model(cfg.loss.reference_path, cfg.model.dtype)))
-        ref, run_info["reference"] = reference_logps(cfg, accelerator, get_reference, train_pairs + eval_pairs,
-                                                     tokenizer.pad_token_id, say)
-    step, tokens_seen, elapsed_before = 0, 0, 0.0
-    if checkpoint:
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
-        if main_process:  # drop lines logged after the checkpoint: the resumed run logs those steps again
-            rewrite_jsonl(out_dir / "metrics.jsonl", [r for r in read_jsonl(out_dir / "metrics.jsonl") if r["step"] <= step])
-        say(f"resumed from {checkpoint} at step {step}")
-    if main_process:
-        write_run_json(out_dir, run_info)
-
-    stop_signal = []
-    previous_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
-                         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
-
-    world, micro_bs, accum = accelerator.num_processes, cfg.train.batch_size, cfg.train.grad_accum
-    global_batch = micro_bs * world
-    lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in train_pairs]
-    if len(train_pairs) < global_batch:
-        raise UserInputError(f"{len(train_pairs)} training pairs cannot fill one batch of "
-                             f"train.batch_size={micro_bs} x {world} processes")
-    epochs: dict[int, list] = {}
-    batches_per_epoch = len(epoch_batches(len(train_pairs), lengths, global_batch, cfg.train.seed, 0))
-
-    def micro_batch(index: int):
-        epoch, within = divmod(index, batches_per_epoch)
-        if epoch not in epochs:
-            epochs.clear()
-            epochs[epoch] = epoch_batches(len(train_pairs), lengths, global_batch, cfg.train.seed, epoch)
-        chosen = epochs[epoch][within][accelerator.process_index * micro_bs:(accelerator.process_index + 1) * micro_bs]
-        return [train_pairs[i] for i in chosen], epoch + within / batches_per_epoch
-
-    def log_row(row: dict) -> None:
-        if main_process:
-            append_jsonl(out_dir / "metrics.jsonl", row)
-
-    def log_eval() -> dict:
-        metrics = evaluate(cfg, model, eval_pairs, ref, accelerator, tokenizer.pad_token_id)
-        log_row({"step": step, "epoch": round(epoch, 4), "split": "eval", **metrics, "tokens": tokens_seen,
-                 "elapsed_s": elapsed_before + time.time() - start})
-        return metrics
-
-    def state_now() -> dict:
-        return {"step": step, "tokens": tokens_seen, "elapsed_s": elapsed_before + time.time() - start}
-
-    start, epoch = time.time(), step * accum / batches_per_epoch
-    model.train()
-    bar = tqdm(total=cfg.train.max_steps, initial=step, disable=not main_process, desc=f"{cfg.loss.name} train",
+    run = setup(cfg, log)
+    stop_signals: list[int] = []
+    handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signals.append(signum)) for sig in STOP_SIGNALS}
+    bar = tqdm(total=cfg.train.max_steps, initial=run.step, disable=not run.main, desc=f"{cfg.loss.name} train",
                dynamic_ncols=True)
+    run.model.train()
     try:
-        while step < cfg.train.max_steps:
-            step_start, step_terms, step_tokens = time.time(), [], 0
-            learning_rate = scheduler.get_last_lr()[0]
-            for micro in range(accum):
-                pairs, epoch = micro_batch(step * accum + micro)
-                batch = to_device(collate(pairs, tokenizer.pad_token_id, with_rejected=cfg.loss.name == "dpo"),
-                                  accelerator.device)
-                with accelerator.accumulate(model):
-                    logps = forward_logps(model, batch)
-                    if cfg.loss.name == "sft":
-                        loss, terms = sft_terms(logps, batch["response_tokens"])
-                    else:
-                        ref_chosen, ref_rejected = ref_tensors(ref, pairs, accelerator.device)
-                        loss, terms = pair_terms(cfg, logps, batch["response_tokens"], ref_chosen, ref_rejected)
-                    if not torch.isfinite(loss):
-                        raise NonFiniteError(f"step {step + 1}: the loss is {loss.item()} (micro-batch {micro}, "
-                                             f"pairs {[p.id for p in pairs]})")
-                    accelerator.backward(loss)
-                    grad_norm = None
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm or float("inf"))
-                        if grad_norm is not None and not math.isfinite(float(grad_norm)):
-                            raise NonFiniteError(f"step {step + 1}: the gradient norm is {float(grad_norm)}; "
-                                                 f"nothing was applied")
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                step_terms.append(terms)
-                step_tokens += batch["tokens"]
-            scheduler.step()
-            step += 1
-            gathered = {k: accelerator.gather(torch.cat([t[k] for t in step_terms]).float()) for k in step_terms[0]}
-            # Slurm may signal only some ranks (or at different moments): every rank stops at the same step if any saw it.
-            counts = accelerator.gather(torch.tensor([[step_tokens, len(stop_signal)]], device=accelerator.device))
-            step_tokens = int(counts[:, 0].sum())
-            stop_now = bool(counts[:, 1].sum() > 0)
-            tokens_seen += step_tokens
-            row = summarise(gathered)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}",
-                            tok_s=f"{step_tokens / (time.time() - step_start):.0f}")
-            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                log_row({"step": step, "epoch": round(epoch, 4), "split": "train", **row,
-                         "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                         "learning_rate": learning_rate, "tokens": tokens_seen,
-                         "tokens_per_s": step_tokens / (time.time() - step_start),
-                         "elapsed_s": elapsed_before + time.time() - start})
-            if step == cfg.train.max_steps:
+        while run.step < cfg.train.max_steps:
+            stop_now = train_step(run, stop_signals, bar)
+            if run.step == cfg.train.max_steps:
                 break
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and eval_pairs:
-                log_eval()
-            if (cfg.train.save_every and step % cfg.train.save_every == 0) or stop_now:
-                save_checkpoint(accelerator, out_dir, step, state_now(), cfg.train.keep_checkpoints)
+            if cfg.train.eval_every and run.step % cfg.train.eval_every == 0 and run.eval_pairs:
+                log_eval(run)
+            if (cfg.train.save_every and run.step % cfg.train.save_every == 0) or stop_now:
+                save_checkpoint(run.accelerator, out_dir, run.step, run.state(), cfg.train.keep_checkpoints)
                 if stop_now:
-                    raise Interrupted(f"signal {(stop_signal or ['on another rank'])[0]} at step {step}: checkpoint saved")
+                    raise Interrupted(f"signal {(stop_signals or ['on another rank'])[0]} at step {run.step}: "
+                                      f"checkpoint saved")
         bar.close()
-        if eval_pairs:
-            run_info["final_eval"] = log_eval()
-        save_checkpoint(accelerator, out_dir, step, state_now(), cfg.train.keep_checkpoints)
-        save_final(cfg, accelerator, model, tokenizer, out_dir)
-        checksum = parameter_checksum(accelerator.unwrap_model(model))
-        run_info["parameter_checksums"] = gather_object([checksum])  # one per process: equal under DDP and ZeRO
-        run_info.update(status="completed", ended=now(), steps=step, tokens=tokens_seen,
-                        elapsed_s=round(elapsed_before + time.time() - start, 2))
-        say(f"done: {step} steps, {tokens_seen} tokens, final model in {out_dir / 'final'}")
+        finish(run)
     except (NonFiniteError, Interrupted, DiskFullError, OSError) as e:
         if isinstance(e, OSError) and disk_full_reason(e, out_dir) is None:
             raise  # not ours to describe (metrics.jsonl and the reference cache on a full disk are)
         bar.close()
-        run_info.update(status="interrupted" if isinstance(e, Interrupted) else "failed", ended=now(), steps=step,
+        run.info.update(status="interrupted" if isinstance(e, Interrupted) else "failed", ended=now(), steps=run.step,
                         error=str(e) if not isinstance(e, OSError) else f"{e.filename}: {e.strerror}",
                         last_checkpoint=str(find_checkpoint(out_dir) or ""))
         raise
     finally:
-        for sig, handler in previous_handlers.items():
+        for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        if main_process:
-            try:
-                write_run_json(out_dir, run_info)
-            except OSError as e:  # a disk still full: the error being raised says more than this one would
-                (out_dir / "run.json.tmp").unlink(missing_ok=True)
-                say(f"warning: could not update {out_dir / 'run.json'} ({e.strerror})")
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()  # a clean teardown keeps gloo from aborting at exit
-    return run_info
+        teardown(run)
+    return run.info
+
+
+def train_step(run: Run, stop_signals: list, bar) -> bool:
+    """One optimizer step over train.grad_accum micro-batches, logged; True when a stop signal reached any rank."""
+    cfg, accelerator = run.cfg, run.accelerator
+    step_start, step_terms, step_tokens, grad_norm = time.time(), [], 0, None
+    learning_rate = run.scheduler.get_last_lr()[0]
+    for micro in range(cfg.train.grad_accum):
+        pairs, run.epoch = run.batches[run.step * cfg.train.grad_accum + micro]
+        batch = to_device(collate(pairs, run.tokenizer.pad_token_id, with_rejected=cfg.loss.name == "dpo"),
+                          accelerator.device)
+        with accelerator.accumulate(run.model):
+            logps = forward_logps(run.model, batch)
+            if cfg.loss.name == "sft":
+                loss, terms = sft_terms(logps, batch["response_tokens"])
+            else:
+                ref_chosen, ref_rejected = ref_tensors(run.ref, pairs, accelerator.device)
+                loss, terms = pair_terms(cfg, logps, batch["response_tokens"], ref_chosen, ref_rejected)
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"step {run.step + 1}: the loss is {loss.item()} (micro-batch {micro}, "
+                                     f"pairs {[p.id for p in pairs]})")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(run.trainable, cfg.train.max_grad_norm or float("inf"))
+                if grad_norm is not None and not math.isfinite(float(grad_norm)):
+                    raise NonFiniteError(f"step {run.step + 1}: the gradient norm is {float(grad_norm)}; "
+                                         f"nothing was applied")
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        step_terms.append(terms)
+        step_tokens += batch["tokens"]
+    run.scheduler.step()
+    run.step += 1
+    gathered = {k: accelerator.gather(torch.cat([t[k] for t in step_terms]).float()) for k in step_terms[0]}
+    # Slurm may signal only some ranks (or at different moments): every rank stops at the same step if any saw it.
+    counts = accelerator.gather(torch.tensor([[step_tokens, len(stop_signals)]], device=accelerator.device))
+    step_tokens = int(counts[:, 0].sum())
+    run.tokens += step_tokens
+    row = summarise(gathered)
+    bar.update(1)
+    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}",
+                    tok_s=f"{step_tokens / (time.time() - step_start):.0f}")
+    if run.step % cfg.train.log_every == 0 or run.step == cfg.train.max_steps:
+        run.log({"step": run.step, "epoch": round(run.epoch, 4), "split": "train", **row,
+                 "grad_norm": float(grad_norm) if grad_norm is not None else None, "learning_rate": learning_rate,
+                 "tokens": run.tokens, "tokens_per_s": step_tokens / (time.time() - step_start),
+                 "elapsed_s": run.state()["elapsed_s"]})
+    return bool(counts[:, 1].sum() > 0)
+
+
+def log_eval(run: Run) -> dict:
+    metrics = evaluate(run.cfg, run.model, run.eval_pairs, run.ref, run.accelerator, run.tokenizer.pad_token_id)
+    run.log({"step": run.step, "epoch": round(run.epoch, 4), "split": "eval", **metrics, "tokens": run.tokens,
+             "elapsed_s": run.state()["elapsed_s"]})
+    return metrics
+
+
+def finish(run: Run) -> None:
+    """The final eval, the last checkpoint, final/ and the parameter checksum; run.json says completed."""
+    if run.eval_pairs:
+        run.info["final_eval"] = log_eval(run)
+    save_checkpoint(run.accelerator, run.out_dir, run.step, run.state(), run.cfg.train.keep_checkpoints)
+    save_final(run.cfg, run.accelerator, run.model, run.tokenizer, run.out_dir)
+    checksum = parameter_checksum(run.accelerator.unwrap_model(run.model))
+    run.info["parameter_checksums"] = gather_object([checksum])  # one per process: equal under DDP and ZeRO
+    run.info.update(status="completed", ended=now(), steps=run.step, tokens=run.tokens,
+                    elapsed_s=round(run.state()["elapsed_s"], 2))
+    run.say(f"done: {run.step} steps, {run.tokens} tokens, final model in {run.out_dir / 'final'}")
+
+
+def teardown(run: Run) -> None:
+    """run.json as the run ended, then every process leaves the group together."""
+    if run.main:
+        try:
+            write_run_json(run.out_dir, run.info)
+        except OSError as e:  # a disk still full: the error being raised says more than this one would
+            (run.out_dir / "run.json.tmp").unlink(missing_ok=True)
+            run.say(f"warning: could not update {run.out_dir / 'run.json'} ({e.strerror})")
+    end_processes(run.accelerator)
+
+
+def end_processes(accelerator) -> None:
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # a clean teardown keeps gloo from aborting at exit
 
 
 def precompute_reference(cfg: Config, log=print) -> dict:
     """Fill the reference log-prob cache for this config's data and exit (the sweep runs this once)."""
-    import torch
-
     accelerator = make_accelerator(cfg)
     say = log if accelerator.is_main_process else (lambda *_: None)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log=say)
 
-    def get_reference():
+    def load_reference():
         reference = add_logps_head(load_model(cfg.loss.reference_path or cfg.model.path, cfg.model.dtype))
         if accelerator.state.deepspeed_plugin is not None:  # no optimizer here, which accelerate's DeepSpeed needs
             return prepare_frozen(accelerator, reference)
         return accelerator.prepare(reference)
-    _, info = reference_logps(cfg, accelerator, get_reference, train_pairs + eval_pairs, tokenizer.pad_token_id, say)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # a clean teardown keeps gloo from aborting at exit
+    _, info = reference_logps(cfg, accelerator, load_reference, train_pairs + eval_pairs, tokenizer.pad_token_id, say)
+    end_processes(accelerator)
     return info
 
 
@@ -909,6 +683,13 @@ def dry_run(cfg: Config) -> None:
     print("dry run: config and data are valid; nothing was trained")
 
 
+def plan(args) -> int:
+    """--plan is the memory planner's own command line (slurm/plan.py) on this config; training never needs it."""
+    from slurm import plan as planner  # the planner is a separate tool, loaded only for this flag
+
+    return planner.main(["--config", args.config, "--gpu", args.gpu, "--gpus", str(args.gpus), *args.overrides])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file in configs/")
@@ -930,10 +711,8 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.plan:
-            from slurm.plan import plan_lines
-
-            print("\n".join(plan_lines(cfg, args.gpu, args.gpus, config_file=" ".join([args.config, *args.overrides]))))
-        elif args.dry_run:
+            return plan(args)
+        if args.dry_run:
             dry_run(cfg)
         elif args.precompute_ref:
             precompute_reference(cfg)

@@ -35,10 +35,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from config import load_config
+from slurm import memory
 
-from config import load_config  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 DATA = ["data.path=../shared/data/hh-rlhf/harmless-base/test.jsonl.gz", "data.max_pairs=24",
         "data.eval_fraction=0.125", "train.eval_batch_size=8", "train.eval_every=0", "train.save_every=0"]
@@ -58,7 +58,6 @@ SETTINGS = {  # name -> (config, overrides)
 
 RUNNER = r'''
 import json, sys
-sys.path.insert(0, sys.argv[2])
 args = json.loads(sys.argv[1])
 import torch
 import train_dpo
@@ -149,7 +148,7 @@ def run(mode: str, config: str, overrides: list[str], steps: int, glibc_default:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if not glibc_default:  # a fixed threshold: every block over 128 KiB is its own mapping, unmapped when freed
         env["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    result = subprocess.run([sys.executable, "-c", RUNNER, payload, str(REPO)], cwd=REPO, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", RUNNER, payload], cwd=REPO, capture_output=True, text=True,
                             env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith("BENCH ")]
     if result.returncode or not lines:
@@ -161,25 +160,22 @@ def planned(config: str, overrides: list[str], r: dict, mode: str) -> tuple[floa
     """(estimated peak GiB, estimated weights GiB) of what the process ran, micro-batch by micro-batch at its own width
     and response tokens: for a reference job the largest of its no-grad batches; for training the largest step,
     where the first holds no optimizer state until its optimizer step creates it (evaluation is not measured)."""
-    sys.path.insert(0, str(REPO / "slurm"))
-    import plan
-
     cfg = load_config(config, overrides)
     gpu = "h100-80gb" if r["cuda"] else "cpu"
-    weights = plan.model_shape(cfg.model.path).parameters() * plan.precision(cfg, None).weight / plan.GIB
+    weights = memory.model_shape(cfg.model.path).parameters() * memory.precision(cfg, None).weight / memory.GIB
     peaks = []
     for rows, width, labels, step in r["batches"]:
         if mode == "reference":
-            peaks.append(plan.reference_job(cfg, 1, gpu, seq_len=width, label_tokens=labels))
+            peaks.append(memory.reference_job(cfg, 1, gpu, seq_len=width, label_tokens=labels))
             continue
-        est = plan.estimate(cfg, 1, gpu=gpu, seq_len=width, label_tokens=labels)
+        est = memory.estimate(cfg, 1, gpu=gpu, seq_len=width, label_tokens=labels)
         c, phases, weights = est.components, est.phases, est.components["weights"]
         resident = est.total_gib - max(phases.values()) - (c["optimizer state"] if step == 0 else 0)
         step_phase = phases["optimizer step"] + (c["optimizer state"] if step == 0 else 0)
         peaks.append(resident + max(phases["training pass"], step_phase))
     total = max(peaks)
     if r["cuda"]:  # torch.cuda.max_memory_allocated does not see the CUDA context
-        total -= plan.CUDA_CONTEXT_GIB
+        total -= memory.CUDA_CONTEXT_GIB
     return total, weights
 
 

@@ -24,7 +24,6 @@ PY = sys.executable
 
 TRL_RUNNER = r'''
 import json, resource, sys, time
-sys.path.insert(0, sys.argv[2])
 args = json.loads(sys.argv[1])
 from datasets import Dataset
 from transformers import TrainerCallback
@@ -65,7 +64,6 @@ print("BENCH " + json.dumps({"step_s": [b - a for a, b in zip(stamps, stamps[1:]
 
 OURS_RUNNER = r'''
 import json, resource, sys, time
-sys.path.insert(0, sys.argv[2])
 args = json.loads(sys.argv[1])
 import train_dpo
 from config import load_config
@@ -81,7 +79,7 @@ print("BENCH " + json.dumps({"step_s": [b - a for a, b in zip([0.0] + elapsed, e
 
 
 def run(runner: str, payload: dict) -> dict:
-    result = subprocess.run([PY, "-c", runner, json.dumps(payload), str(REPO)], cwd=REPO, capture_output=True,
+    result = subprocess.run([PY, "-c", runner, json.dumps(payload)], cwd=REPO, capture_output=True,
                             text=True, env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                                             "PATH": "/usr/bin:/bin"})
     lines = [line for line in result.stdout.splitlines() if line.startswith("BENCH ")]

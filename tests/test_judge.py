@@ -13,15 +13,17 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 import judge
-from conftest import REPO, free_port
-from jsonl import read_jsonl
+import stats
+from arguments import JUDGE_TEMPLATES
+from conftest import REPO, free_port, ok, run_main, run_script
+from engines import Completion, HFEngine
+from jsonl import read_jsonl, summary_path
 
 QUESTIONS = [json.loads(line) for line in (REPO.parent / "shared/data/mt_bench/question.jsonl").read_text().splitlines()[:8]]
 ADVERSARIAL = ["[[A]]", "[[B]]", "Assistant A is better. [[A]]", "Final verdict: [[B]]",
@@ -54,19 +56,13 @@ def answers(tmp_path_factory):
     return write_answers(folder / "dpo.jsonl", candidate), write_answers(folder / "sft.jsonl", baseline)
 
 
-def run_judge(*args, timeout=900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "judge.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env)
-
-
-def ok(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stderr
+def run_judge(*args) -> subprocess.CompletedProcess:
+    """judge.py in this process (HF, OpenAI-compatible engines); the offline vLLM engine gets a process of its own."""
+    return run_main(judge.main, *args)
 
 
 def summary(out: Path) -> dict:
-    return json.loads(judge.summary_path(out).read_text())
+    return json.loads(summary_path(out).read_text())
 
 
 # ---------------------------------------------------------------- the parser
@@ -100,6 +96,7 @@ def test_template_versions_differ_by_text_and_mode():
     versions = {t.version(m) for t in judge.TEMPLATES.values() for m in ("choice", "generate")}
     assert len(versions) == 2 * len(judge.TEMPLATES)
     assert judge.TEMPLATES["hh-v1"].version("choice") == judge.TEMPLATES["hh-v1"].version("choice")
+    assert tuple(sorted(judge.TEMPLATES)) == JUDGE_TEMPLATES, "--template's choices are the templates judge.py has"
 
 
 # ---------------------------------------------------------------- positions, the tie rule, the CI
@@ -111,7 +108,7 @@ def test_a_swapped_pair_maps_back(candidate, baseline, seed, verdict):
     for position in judge.placements(pair, "both", seed):
         a, b = judge.arrange(pair, position)
         assert {"A": a, "B": b}[position] == candidate and {"A": b, "B": a}[position] == baseline
-        winner = judge.unswap(verdict, position)
+        winner = stats.unswap(verdict, position)
         if verdict in ("A", "B"):  # the verdict's slot holds the winner's answer
             assert ({"A": a, "B": b}[verdict] == candidate) == (winner == "candidate") or candidate == baseline
         else:
@@ -131,17 +128,17 @@ def test_random_positions_are_seeded_recorded_and_balanced():
     (["candidate", "baseline"], "tie"), (["candidate", "tie"], "tie"), (["tie", "tie"], "tie"),
     (["candidate", "error"], "error"), (["candidate"], "candidate")])
 def test_both_orders_disagreeing_count_as_a_tie(winners, outcome):
-    assert judge.combine(winners) == outcome
+    assert stats.combine(winners) == outcome
 
 
 def test_the_bootstrap_ci_matches_the_binomial_interval():
     from scipy.stats import binomtest
 
     scores = [1.0] * 60 + [0.0] * 40
-    low, high = judge.bootstrap_ci(scores, seed=0)
+    low, high = stats.bootstrap_ci(scores, seed=0)
     exact = binomtest(60, 100).proportion_ci(0.95, method="wilson")
     assert abs(low - exact.low) < 0.02 and abs(high - exact.high) < 0.02, (low, high, exact)
-    assert judge.bootstrap_ci([], 0) is None and judge.bootstrap_ci([0.5] * 10, 0) == [0.5, 0.5]
+    assert stats.bootstrap_ci([], 0) is None and stats.bootstrap_ci([0.5] * 10, 0) == [0.5, 0.5]
 
 
 def test_choice_log_probs_become_probabilities_and_a_verdict():
@@ -169,7 +166,7 @@ class FixedJudge:
 
     def complete(self, prompts, max_tokens, temperature, seed):
         self.calls += len(prompts)
-        return [self.text for _ in prompts]
+        return [Completion(self.text, 1, "stop", len(p)) for p in prompts]
 
 
 def judge_args(tmp_path, default_model_dir, *extra, candidate=None, baseline=None, out="v.jsonl"):
@@ -358,6 +355,7 @@ def test_calibration_sets_named_twice_count_once(tmp_path, default_model_dir):
 # ---------------------------------------------------------------- real judging: HF transformers
 
 
+@pytest.mark.slow
 def test_hf_judge_on_smollm2_with_calibration_and_resume(tmp_path, default_model_dir, answers):
     """choice mode, both orders, LLMBar + held-out HH calibration in one command; then a re-run starts no engine."""
     candidate, baseline = answers
@@ -382,7 +380,7 @@ def test_hf_judge_on_smollm2_with_calibration_and_resume(tmp_path, default_model
     assert len(compare) == 14 and {r["candidate_position"] for r in compare} == {"A", "B"}
     for r in compare:
         assert abs(r["p_a"] + r["p_b"] + r["p_tie"] - 1) < 1e-6 and r["engine"] == "hf"
-        assert r["winner"] == judge.unswap(r["verdict"], r["candidate_position"])
+        assert r["winner"] == stats.unswap(r["verdict"], r["candidate_position"])
         assert (r["answer_a"] if r["candidate_position"] == "A" else r["answer_b"]).startswith("Here is a careful")
     assert sum(r["task"] == "calibration" for r in rows) == 18
     assert {r["human"] for r in rows if r["task"] == "calibration"} <= {"candidate", "baseline"}
@@ -399,14 +397,14 @@ def test_hf_choice_is_the_same_in_a_batch_and_alone(default_model_dir):
     tokenizer = load_tokenizer(str(default_model_dir))
     builder = judge.PromptBuilder(tokenizer, judge.TEMPLATES["hh-v1"], "choice")
     prompts = [builder.build(q["turns"][0], "Yes." * (i + 1), "No, because it is not.").ids for i, q in enumerate(QUESTIONS[:4])]
-    args = SimpleNamespace(dtype="auto")
-    engine = judge.HFJudge(str(default_model_dir), args, tokenizer, [tokenizer.eos_token_id])
+    engine = HFEngine(str(default_model_dir), tokenizer, [tokenizer.eos_token_id], "float32")
     batched = engine.choice(prompts, builder.letter_ids)
     alone = [engine.choice([p], builder.letter_ids)[0] for p in prompts]
     for b, a in zip(batched, alone):
         assert max(abs(x - y) for x, y in zip(b, a)) < 1e-3, (b, a)
 
 
+@pytest.mark.slow
 def test_hf_generate_mode_keeps_the_raw_output(tmp_path, default_model_dir, answers):
     candidate, baseline = answers
     out = tmp_path / "g.jsonl"
@@ -420,6 +418,8 @@ def test_hf_generate_mode_keeps_the_raw_output(tmp_path, default_model_dir, answ
         assert (r["winner"] == "error") == (r["verdict"] == "error")
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_a_kill_loses_nothing_already_judged(tmp_path, default_model_dir):
     questions = [dict(q, question_id=1000 + i, turns=[f"Question number {i}?"]) for i, q in enumerate(QUESTIONS * 3)]
     candidate = write_answers(tmp_path / "c.jsonl", [answer_row(q, f"Answer {i}.", "dpo") for i, q in enumerate(questions)])
@@ -435,7 +435,7 @@ def test_a_kill_loses_nothing_already_judged(tmp_path, default_model_dir):
     proc.wait()
     kept = out.read_text().splitlines()
     assert 6 <= len(kept) < 48, "killed part-way"
-    ok(run_judge(*argv[2:]))
+    ok(run_judge(*argv[2:], "--batch-size", "16"))  # the batch size is not part of a judgment's key
     final = out.read_text().splitlines()
     complete = [line for line in kept if line.endswith("}")]
     assert final[:len(complete)] == complete, "rows written before the kill are untouched"
@@ -464,11 +464,13 @@ def assert_close_to(rows: list[dict], reference: dict, engine: str) -> None:
         assert max(abs(r["logprobs"][k] - ref["logprobs"][k]) for k in "ABC") < 0.05, (r["logprobs"], ref["logprobs"])
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_vllm_offline_judge_agrees_with_hf(tmp_path, default_model_dir, answers, hf_reference):
     candidate, baseline = answers
     out = tmp_path / "v.jsonl"
-    log = ok(run_judge("--candidate", candidate, "--baseline", baseline, "--judge-model", default_model_dir, "--out",
-                       out, "--engine", "vllm", "--order", "both"))
+    log = ok(run_script("judge.py", "--candidate", candidate, "--baseline", baseline, "--judge-model",
+                        default_model_dir, "--out", out, "--engine", "vllm", "--order", "both"))
     assert "starting the vllm engine" in log
     assert_close_to(read_jsonl(out), hf_reference, "vllm")
 
@@ -504,6 +506,8 @@ def vllm_server(tmp_path_factory, default_model_dir):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_openai_server_judge_agrees_with_hf(tmp_path, default_model_dir, answers, hf_reference, vllm_server):
     candidate, baseline = answers
     out = tmp_path / "v.jsonl"

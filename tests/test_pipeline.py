@@ -1,30 +1,31 @@
-"""pipeline.py without a cluster: the executor choice, the stage order, bad input. The whole loop itself runs on the
-real local Slurm cluster in tests/test_sweep.py (finished_sweep and the pipeline tests beside it)."""
-import os
+"""pipeline.py and the launcher without a cluster: the executor choice, the stage order, bad input, and the whole loop
+on submitit's local executor (pipeline.py, then slurm/sweep.py's stages on the same folder) and its debug executor.
+The whole loop on the real local Slurm cluster is tests/test_sweep.py's."""
+import json
+import shutil
 import subprocess
-import sys
 
-from conftest import REPO
+import pytest
 
 import pipeline
-
-SWEEP = "configs/sweep_tiny.yaml"
-
-
-def run(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "pipeline.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **(env or {})})
+from conftest import SWEEP, run_main
+from jsonl import read_jsonl
+from slurm import sweep
 
 
-def test_auto_executor_falls_back_to_local_processes_without_a_controller(tmp_path):
+def run(*args) -> subprocess.CompletedProcess:
+    return run_main(pipeline.main, *args)
+
+
+def launcher(*args):
+    return run_main(sweep.main, *args)
+
+
+def test_auto_executor_falls_back_to_local_processes_without_a_controller(tmp_path, monkeypatch):
     conf = tmp_path / "slurm.conf"  # sinfo reads a config naming a controller that does not exist
     conf.write_text("ClusterName=nowhere\nSlurmctldHost=nowhere-host\nNodeName=x CPUs=1\nPartitionName=p Nodes=x\n")
-    previous = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(conf)
-    try:
-        executor, why = pipeline.choose_executor("auto")
-    finally:
-        os.environ.pop("SLURM_CONF") if previous is None else os.environ.__setitem__("SLURM_CONF", previous)
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    executor, why = pipeline.choose_executor("auto")
     assert executor == "local" and why
     assert pipeline.choose_executor("debug") == ("debug", "as asked")
 
@@ -58,8 +59,8 @@ def test_prepare_builds_a_missing_tiny_model(tmp_path, monkeypatch):
     """A tiny model the sweep names but nobody built is made by the prepare stage (setup.sh makes the default one)."""
     monkeypatch.setattr(pipeline, "REPO", tmp_path)  # where the project keeps its models/
     target = tmp_path / "models" / "tiny-gpt2"
-    sweep = pipeline.sw.load_sweep(SWEEP, [f"root={tmp_path}", f"judge.judge_model={target}"])
-    jobs = pipeline.sw.build_plan(sweep, SWEEP)
+    sweep = pipeline.load_sweep(SWEEP, [f"root={tmp_path}", f"judge.judge_model={target}"])
+    jobs = pipeline.st.Plan(sweep, SWEEP).jobs
     assert pipeline.prepare_state(sweep, jobs) == ("todo", f"to make: {target}")
     assert pipeline.prepare(sweep, jobs) == 0
     assert (target / "config.json").is_file() and pipeline.prepare_state(sweep, jobs)[0] == "completed"
@@ -85,19 +86,84 @@ def test_plan_prints_the_memory_of_every_training_job_and_runs_nothing(tmp_path)
     assert not any(tmp_path.iterdir()), "--plan writes nothing"
 
 
-def test_the_whole_loop_on_local_processes_then_a_second_run_that_skips_everything(tmp_path):
-    """What `make demo` does where no Slurm answers: the stages one after another in a worker thread while the main
-    thread prints progress, the report at the end; a second run submits nothing and leaves the report alone."""
-    args = ["--config", SWEEP, f"root={tmp_path}", f"report={tmp_path}/report", "--executor", "local",
-            "--progress-s", "2", "judge.calibrate=[]", "generate.limit=2"]
-    first = run(*args)
+# ---------------------------------------------------------------- the whole loop on the local executor
+
+
+@pytest.fixture(scope="module")
+def local_loop(tmp_path_factory):
+    """What `make demo` does where no Slurm answers, on the tiny sweep: the stages one after another in a worker
+    thread while the main thread prints progress, the report at the end. (root, pipeline output)."""
+    root = tmp_path_factory.mktemp("local")
+    first = run("--config", SWEEP, f"root={root}", f"report={root}/report", "--executor", "local", "--progress-s", "2")
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    yield root, first.stdout
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_the_whole_loop_on_local_processes_then_a_second_run_that_skips_everything(local_loop):
+    root, output = local_loop
     for stage in pipeline.STAGES[1:]:
-        assert f"stage {stage}" in first.stdout
-    assert any("dpo 0/2 (beta" in line for line in first.stdout.splitlines()), "progress while the runs train"
-    assert "every stage finished" in first.stdout
-    report = tmp_path / "report" / "README.md"
-    written, record = report.stat().st_mtime_ns, (tmp_path / "sweep_tiny" / "sweep.json").read_text()
-    second = run(*args)
+        assert f"stage {stage}" in output
+    assert any("dpo 0/2 (beta" in line for line in output.splitlines()), "progress while the runs train"
+    assert "every stage finished" in output
+    report = root / "report" / "README.md"
+    written, record = report.stat().st_mtime_ns, (root / "sweep_tiny" / "sweep.json").read_text()
+    second = run("--config", SWEEP, f"root={root}", f"report={root}/report", "--executor", "local")
     assert second.returncode == 0 and "to do:" not in second.stdout, second.stdout + second.stderr
-    assert report.stat().st_mtime_ns == written and (tmp_path / "sweep_tiny" / "sweep.json").read_text() == record
+    assert report.stat().st_mtime_ns == written and (root / "sweep_tiny" / "sweep.json").read_text() == record
+
+
+@pytest.mark.slow
+def test_the_launcher_on_the_local_executor_runs_each_stage_of_the_same_sweep_file(local_loop):
+    """slurm/sweep.py --executor local on the folder pipeline.py made: every stage's jobs ran as local processes,
+    nothing is left to do, answers deleted are made again alone, a bad prompt set fails its job with the script's
+    own error line."""
+    root, output = local_loop
+    out = root / "sweep_tiny"
+    for run_name in ("sft", "beta0.1_seed0", "beta0.5_seed0"):
+        assert json.loads((out / run_name / "run.json").read_text())["status"] == "completed", run_name
+        assert (out / run_name / "final" / "config.json").is_file()
+    assert "beta0.5_seed0 done: eval loss" in output
+    assert len(list((out / "ref_cache").glob("*.pt"))) == 1
+    assert {r["executor"] for r in json.loads((out / "sweep.json").read_text())["jobs"].values()} == {"local"}
+    common = ["--config", SWEEP, "--executor", "local", f"root={root}"]
+    assert "nothing to submit" in launcher(*common).stdout
+    assert "nothing to submit" in launcher(*common, "--judge").stdout
+    assert "calibration: agreement with human labels" in output
+    for run_name in ("beta0.1_seed0", "beta0.5_seed0"):
+        assert f"{run_name}: win rate" in output
+        assert json.loads((out / "judgments" / f"{run_name}.summary.json").read_text())["n"] == 8
+    for run_name in ("sft", "beta0.1_seed0", "beta0.5_seed0"):
+        rows = read_jsonl(out / "generations" / f"{run_name}.jsonl")
+        assert rows and {r["model_name"] for r in rows} == {run_name}
+        assert f"{run_name}: {len(rows)} answers in" in output
+    (out / "generations" / "sft.jsonl").unlink()  # answers gone, marker left: answered again, alone
+    redo = launcher(*common, "--generate")
+    assert redo.returncode == 0 and "started generation for sft" in redo.stdout, redo.stdout + redo.stderr
+    assert "started generation for beta" not in redo.stdout and read_jsonl(out / "generations" / "sft.jsonl")
+    broken = launcher(*common, "--generate", "generate.prompts=[nope.jsonl]")
+    assert broken.returncode == 1
+    assert "generation for sft FAILED: " in broken.stdout and "generate.py for" in broken.stdout
+    assert "error: --prompts nope.jsonl: no such file" in broken.stdout
+
+
+@pytest.mark.slow
+def test_the_debug_executor_runs_the_same_sweep_file_in_this_process(tmp_path, local_loop):
+    """submitit's debug executor: the jobs run in the launcher's own process, one after another, through every stage
+    kind (here from the local loop's SFT model, one beta)."""
+    root, _ = local_loop
+    common = ["--config", SWEEP, "--executor", "debug", f"root={tmp_path}", f"sft.path={root}/sweep_tiny/sft/final",
+              "grid.loss.beta=[0.2]", "generate.limit=1", "judge.calibrate=[]"]
+    training = launcher(*common)
+    assert training.returncode == 0, training.stdout[-3000:] + training.stderr[-3000:]
+    out = tmp_path / "sweep_tiny"
+    assert json.loads((out / "beta0.2_seed0" / "run.json").read_text())["status"] == "completed"
+    assert "beta0.2_seed0 done: eval loss" in training.stdout and "started reference-0 (debug job" in training.stdout
+    for stage in ("--generate", "--judge"):
+        result = launcher(*common, stage)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert {r["model_name"] for r in read_jsonl(out / "generations" / "beta0.2_seed0.jsonl")} == {"beta0.2_seed0"}
+    assert json.loads((out / "judgments" / "beta0.2_seed0.summary.json").read_text())["n"] == 2
+    assert {r["executor"] for r in json.loads((out / "sweep.json").read_text())["jobs"].values()} == {"debug"}
+    assert "nothing to submit" in launcher(*common).stdout

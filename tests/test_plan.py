@@ -8,12 +8,10 @@ import sys
 
 import pytest
 
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "slurm"))
-import plan  # noqa: E402
-import sweep  # noqa: E402
-from config import UserInputError, load_config  # noqa: E402
+import train_dpo
+from conftest import REPO, run_main
+from config import UserInputError, load_config
+from slurm import memory, plan, spec
 
 TRAINING_CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("sweep_"))
 SWEEP_CONFIGS = sorted((REPO / "configs").glob("sweep_*.yaml"))
@@ -28,7 +26,7 @@ def test_the_globs_find_configs():
 def test_every_training_config_loads_and_plans(path):
     cfg = load_config(path)
     for gpus, zero in ((1, 0), (8, 2), (8, 3)):
-        est = plan.estimate(cfg, gpus, zero_stage=zero)
+        est = memory.estimate(cfg, gpus, zero_stage=zero)
         assert math.isfinite(est.total_gib) and est.total_gib > 0
         assert all(math.isfinite(v) and v >= 0 for v in est.components.values())
     lines = plan.plan_lines(cfg, "h100-80gb", 8, zero_stage=3)
@@ -37,10 +35,10 @@ def test_every_training_config_loads_and_plans(path):
 
 @pytest.mark.parametrize("path", SWEEP_CONFIGS, ids=lambda p: p.name)
 def test_every_sweep_config_loads_and_plans(path):
-    sw = sweep.load_sweep(path)
+    sw = spec.load_sweep(path)
     lines = plan.plan_sweep(str(path))
     job_lines = [line for line in lines if " GiB per process, " in line]
-    assert len(job_lines) == len(sweep.build_plan(sw, str(path)))
+    assert len(job_lines) == len(spec.training_jobs(sw, str(path)))
     for line in job_lines:
         total = float(line.split(" GiB per process")[0].split()[-1])
         assert math.isfinite(total) and total > 0, line
@@ -50,11 +48,11 @@ def test_mistral_full_finetune_on_one_h100_does_not_fit():
     """Full fine-tuning as this project does it keeps fp32 master weights (FACTS.md: bf16 weights lose DPO-sized
     updates): model.dtype=float32 without DeepSpeed, or DeepSpeed bf16 (fp32 masters in the optimizer). Either way
     16 B per parameter, 108 GiB for 7.24B, before any activation."""
-    fp32_masters = plan.estimate(load_config(MISTRAL, ["lora.r=0", "model.dtype=float32"]), 1, zero_stage=0,
+    fp32_masters = memory.estimate(load_config(MISTRAL, ["lora.r=0", "model.dtype=float32"]), 1, zero_stage=0,
                                  gpu="h100-80gb")
-    deepspeed_bf16 = plan.estimate(load_config(MISTRAL, ["lora.r=0"]), 1, zero_stage=3, gpu="h100-80gb")
+    deepspeed_bf16 = memory.estimate(load_config(MISTRAL, ["lora.r=0"]), 1, zero_stage=3, gpu="h100-80gb")
     for est in (fp32_masters, deepspeed_bf16):
-        assert plan.verdict(est) == "no" and not plan.fits(est)
+        assert memory.verdict(est) == "no" and not memory.fits(est)
         assert est.components["weights"] + est.components["gradients"] + est.components["optimizer state"] > 100
 
 
@@ -67,14 +65,14 @@ def test_the_full_finetune_config_on_one_h100_says_no_and_suggests_what_fits():
     assert "fits h100-80gb: no" in result.stdout and "suggestion:" in result.stdout
     cfg = load_config("configs/mistral7b_full.yaml")
     suggestion = plan.suggest(cfg, "h100-80gb", gpus_per_node=1, nodes=1)
-    assert suggestion is not None and plan.fits(suggestion.estimate)
+    assert suggestion is not None and memory.fits(suggestion.estimate)
 
 
 def test_pure_bf16_full_finetune_is_planned_as_it_runs_and_flagged():
     """configs/mistral7b.yaml with lora.r=0 and no DeepSpeed trains the bf16 weights themselves: 2 + 2 + 4 bytes per
     parameter, plus AdamW's foreach sqrt(v) at the step. The planner counts that (it may fit) and says why it is not a
     real full fine-tune."""
-    est = plan.estimate(load_config(MISTRAL, ["lora.r=0"]), 1, zero_stage=0, gpu="h100-80gb")
+    est = memory.estimate(load_config(MISTRAL, ["lora.r=0"]), 1, zero_stage=0, gpu="h100-80gb")
     assert est.components["weights"] == pytest.approx(7.2417e9 * 2 / 2 ** 30, rel=1e-3)
     assert est.components["optimizer state"] == pytest.approx(2 * est.components["weights"])
     assert est.total_gib > 8 * 7.24e9 / 2 ** 30
@@ -83,13 +81,13 @@ def test_pure_bf16_full_finetune_is_planned_as_it_runs_and_flagged():
 
 def test_mistral_lora_zero3_with_checkpointing_fits_eight_h100():
     cfg = load_config(MISTRAL, ["lora.r=16", "train.gradient_checkpointing=true"])
-    est = plan.estimate(cfg, 8, zero_stage=3, gpu="h100-80gb")
-    assert plan.verdict(est) == "yes"
+    est = memory.estimate(cfg, 8, zero_stage=3, gpu="h100-80gb")
+    assert memory.verdict(est) == "yes"
     assert est.trainable == pytest.approx(41.9e6, rel=0.005)
 
 
 def test_gpt2_fits_one_h100():
-    assert plan.verdict(plan.estimate(load_config("configs/gpt2.yaml"), 1, gpu="h100-80gb")) == "yes"
+    assert memory.verdict(memory.estimate(load_config("configs/gpt2.yaml"), 1, gpu="h100-80gb")) == "yes"
 
 
 @pytest.mark.parametrize("source, published", [
@@ -97,11 +95,11 @@ def test_gpt2_fits_one_h100():
     ("meta-llama/Meta-Llama-3-8B-Instruct", 8.03e9), ("models/smollm2-135m-instruct", 134.5e6),
 ])
 def test_parameter_counts_match_published_numbers_and_the_real_architecture(source, published, default_model_dir):
-    shape = plan.model_shape(str(REPO / source) if source.startswith("models/") else source)
+    shape = memory.model_shape(str(REPO / source) if source.startswith("models/") else source)
     assert shape.parameters() == pytest.approx(published, rel=0.005)
     config = json.loads((REPO / source / "config.json").read_text()) if source.startswith("models/") \
-        else plan.HUB_CONFIGS[source]
-    assert shape.parameters() == plan.meta_parameter_count(config)  # transformers' own modules, on the meta device
+        else memory.HUB_CONFIGS[source]
+    assert shape.parameters() == memory.meta_parameter_count(config)  # transformers' own modules, on the meta device
 
 
 def test_lora_parameter_count_matches_peft():
@@ -109,8 +107,8 @@ def test_lora_parameter_count_matches_peft():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = plan.HUB_CONFIGS["HuggingFaceTB/SmolLM2-135M-Instruct"]
-    shape = plan.ModelShape.from_config(config)
+    config = memory.HUB_CONFIGS["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    shape = memory.ModelShape.from_config(config)
     for targets in (["all-linear"], ["q_proj", "v_proj"]):
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
@@ -121,15 +119,15 @@ def test_lora_parameter_count_matches_peft():
 
 def test_zero3_memory_per_gpu_falls_as_gpus_rise():
     cfg = load_config(MISTRAL, ["lora.r=0"])
-    totals = [plan.estimate(cfg, n, zero_stage=3).total_gib for n in (1, 2, 4, 8, 16, 32)]
+    totals = [memory.estimate(cfg, n, zero_stage=3).total_gib for n in (1, 2, 4, 8, 16, 32)]
     assert all(a > b for a, b in zip(totals, totals[1:])), totals
 
 
 @pytest.mark.parametrize("path, overrides", [("configs/default.yaml", []), (MISTRAL, []), (MISTRAL, ["lora.r=0"]),
                                              ("configs/gpt2.yaml", [])])
 def test_gradient_checkpointing_lowers_activations(path, overrides):
-    on = plan.estimate(load_config(path, overrides + ["train.gradient_checkpointing=true"]), 8, zero_stage=2)
-    off = plan.estimate(load_config(path, overrides + ["train.gradient_checkpointing=false"]), 8, zero_stage=2)
+    on = memory.estimate(load_config(path, overrides + ["train.gradient_checkpointing=true"]), 8, zero_stage=2)
+    off = memory.estimate(load_config(path, overrides + ["train.gradient_checkpointing=false"]), 8, zero_stage=2)
     assert on.components["activations"] < off.components["activations"]
     assert on.total_gib <= off.total_gib
 
@@ -138,11 +136,11 @@ def test_gradient_checkpointing_lowers_activations(path, overrides):
                                             (["lora.r=0"], "a10g"), (["train.gradient_checkpointing=false"], "l4")])
 def test_the_suggestion_for_a_no_fit_case_fits_when_estimated_again(overrides, gpu):
     cfg = load_config(MISTRAL, overrides)
-    assert plan.verdict(plan.estimate(cfg, 1, gpu=gpu)) == "no"
+    assert memory.verdict(memory.estimate(cfg, 1, gpu=gpu)) == "no"
     s = plan.suggest(cfg, gpu)
     assert s is not None
-    again = plan.estimate(load_config(MISTRAL, overrides + s.overrides), s.gpus, gpu=gpu, deepspeed=s.deepspeed)
-    assert plan.verdict(again) == "yes"
+    again = memory.estimate(load_config(MISTRAL, overrides + s.overrides), s.gpus, gpu=gpu, deepspeed=s.deepspeed)
+    assert memory.verdict(again) == "yes"
     global_batch = cfg.train.batch_size * cfg.train.grad_accum
     changed = load_config(MISTRAL, overrides + s.overrides)
     assert changed.train.batch_size * s.gpus * changed.train.grad_accum == global_batch  # the same experiment
@@ -152,7 +150,7 @@ def test_lora_is_suggested_only_when_nothing_else_fits():
     cfg = load_config(MISTRAL, ["lora.r=0"])
     kept = plan.suggest(cfg, "h100-80gb")
     assert kept is not None and not kept.changes_experiment and "lora.r=16" not in kept.overrides
-    small = plan.Gpu("small", 6.0)
+    small = memory.Gpu("small", 6.0)
     s = plan.suggest(cfg, small, max_nodes=1)
     assert s is not None and s.changes_experiment and "lora.r=16" in s.overrides
     assert any("CHANGES THE EXPERIMENT" in line for line in plan.suggestion_lines(s, MISTRAL))
@@ -160,19 +158,19 @@ def test_lora_is_suggested_only_when_nothing_else_fits():
 
 def test_unknown_gpu_is_an_error_naming_the_choices():
     with pytest.raises(UserInputError, match="unknown GPU 'x100'.*h100-80gb.*h200.*a100-40gb.*cpu"):
-        plan.get_gpu("x100")
+        memory.get_gpu("x100")
 
 
 def test_deepspeed_json_files_give_their_stage():
     for path in sorted((REPO / "configs" / "accelerate").glob("*.json")):
-        ds = plan.DeepSpeed.from_json(path)
+        ds = memory.DeepSpeed.from_json(path)
         assert ds.stage == json.loads(path.read_text())["zero_optimization"]["stage"]
-    assert plan.DeepSpeed.from_json(REPO / "configs/accelerate/zero2.json").overlap_comm is True
+    assert memory.DeepSpeed.from_json(REPO / "configs/accelerate/zero2.json").overlap_comm is True
 
 
 def test_sweep_plan_uses_the_sweep_gpus_and_deepspeed_config():
-    sw = sweep.load_sweep(REPO / "configs/sweep_mistral7b.yaml")
-    stage = plan.DeepSpeed.from_json(REPO / sw.launch.deepspeed_config).stage
+    sw = spec.load_sweep(REPO / "configs/sweep_mistral7b.yaml")
+    stage = memory.DeepSpeed.from_json(REPO / sw.launch.deepspeed_config).stage
     lines = plan.plan_sweep("configs/sweep_mistral7b.yaml", gpu="h200")
     assert any(f"{sw.slurm.gpus_per_node} x h200" in line and f"ZeRO-{stage}" in line for line in lines)
     fewer = plan.plan_sweep("configs/sweep_mistral7b.yaml", ["slurm.gpus_per_node=1"], gpu="h200")
@@ -233,10 +231,10 @@ def saved_bytes_per_block_token(config: dict, overrides: list[str], rows: int = 
                                        ["lora.r=8", "train.mixed_precision=bf16"]], ids=" ".join)
 def test_activation_formula_matches_what_autograd_saves(config, overrides):
     cfg = load_config(None, overrides)
-    shape = plan.ModelShape.from_config(config)
-    p = plan.precision(cfg, None)
+    shape = memory.ModelShape.from_config(config)
+    p = memory.precision(cfg, None)
     rows, seq = 4, 32
-    formula = plan.layer_bytes_per_token(shape, cfg, p, seq, "cpu") + plan.autocast_copies(shape, cfg, p) / (rows * seq)
+    formula = memory.layer_bytes_per_token(shape, cfg, p, seq, "cpu") + memory.autocast_copies(shape, cfg, p) / (rows * seq)
     # within 0.5%: on CPU LayerNorm keeps bf16 statistics of bf16 inputs, fp32 on CUDA (the formula's)
     assert formula == pytest.approx(saved_bytes_per_block_token(config, overrides, rows, seq), rel=0.005)
 
@@ -260,9 +258,7 @@ def test_command_lines_as_documented():
     script = subprocess.run([sys.executable, "slurm/plan.py", "--sweep", "configs/sweep_mistral7b.yaml"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert script.returncode == 0 and "largest DPO run" in script.stdout, script.stderr
-    trainer = subprocess.run([sys.executable, "train_dpo.py", "--config", MISTRAL, "--plan", "--gpus", "8"], cwd=REPO,
-                             capture_output=True, text=True, timeout=120)
+    trainer = run_main(train_dpo.main, "--config", MISTRAL, "--plan", "--gpus", "8")  # the planner's entry point
     assert trainer.returncode == 0 and "fits h100-80gb: yes" in trainer.stdout, trainer.stderr
-    bad = subprocess.run([sys.executable, "train_dpo.py", "--config", MISTRAL, "--plan", "--gpu", "x100"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    bad = run_main(train_dpo.main, "--config", MISTRAL, "--plan", "--gpu", "x100")
     assert bad.returncode == 2 and bad.stderr.startswith("error: unknown GPU")

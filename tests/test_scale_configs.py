@@ -1,5 +1,5 @@
 """The scale configs' training path on tiny random models of their architectures: two DPO steps each, from the real
-configs/*.yaml and sweep files shrunk only in size, planned by the sweep (build_plan, sft.path = the tiny model) and
+configs/*.yaml and sweep files shrunk only in size, planned by the sweep (Plan, sft.path = the tiny model) and
 launched by the sweep's own job (TrainJob: accelerate launch, DeepSpeed from the sweep's JSON in its CPU variant).
 
     config               architecture  method                            here                  on the cluster
@@ -16,19 +16,21 @@ GPUs themselves cannot run on this machine: tests/test_sweep.py checks the multi
 import dataclasses
 import json
 import math
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import train_dpo
+from config import to_yaml
 from conftest import REPO, SHARED_DATA
+from jsonl import read_jsonl
+from models import load_model, load_tokenizer
+from slurm.jobs import TrainJob
+from slurm.spec import load_sweep
+from slurm.stages import Plan
 
-sys.path.insert(0, str(REPO / "slurm"))
-import sweep  # noqa: E402
-import train_dpo  # noqa: E402
-from jsonl import read_jsonl  # noqa: E402
-from models import load_model, load_tokenizer  # noqa: E402
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]  # accelerate launch, 1-2 processes, each test
 
 # Sizes only: data, lengths, batches, steps (the schedule's warmup shrinks with them), evaluation.
 SHRINK = {"data.path": str(SHARED_DATA / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"), "data.max_pairs": 24,
@@ -55,20 +57,21 @@ def sweep_run(tmp_path, monkeypatch, sweep_file: str, model_dir, processes: int,
     """Plan the sweep with one grid point starting from model_dir, then run its reference job and its one DPO run with
     TrainJob on CPU; returns the DPO job's resolved config, folder and run.json."""
     monkeypatch.chdir(REPO)  # the sweep resolves base and JSON paths from the launch directory, as on a cluster
-    loaded = sweep.load_sweep(REPO / sweep_file, [
+    loaded = load_sweep(REPO / sweep_file, [
         f"root={tmp_path}", f"sft.path={model_dir}", "grid.loss.beta=[0.1]", "grid.train.seed=[0]",
         *(f"overrides.{key}={value}" for key, value in SHRINK.items()), *overrides])
-    jobs = {job.kind: job for job in sweep.build_plan(loaded, sweep_file)}
-    assert "sft" not in jobs and jobs["dpo"].config.model.path == str(model_dir)
+    plan = Plan(loaded, sweep_file)
+    targets = {t.stage: t for t in plan.targets if t.job is not None}
+    assert "sft" not in targets and targets["dpo"].config.model.path == str(model_dir)
     launch = {**dataclasses.asdict(loaded.launch), "cpu_processes": processes,
               "deepspeed_config": cpu_variant(loaded.launch.deepspeed_config)}
     for kind in ("reference", "dpo"):
-        job = jobs[kind]
+        job = targets[kind].job
         job.config_path.parent.mkdir(parents=True, exist_ok=True)
-        job.config_path.write_text(sweep.to_yaml(job.config))
-        sweep.TrainJob(str(REPO), str(REPO), gpus_per_node=0, launch=launch, grace_s=60)(sweep.job_spec(job))
-    out = tmp_path / loaded.name / jobs["dpo"].key
-    return {"config": jobs["dpo"].config, "out": out, "run": json.loads((out / "run.json").read_text()),
+        job.config_path.write_text(to_yaml(job.config))
+        TrainJob(str(REPO), str(REPO), gpus_per_node=0, launch=launch, grace_s=60)(targets[kind].spec)
+    out = tmp_path / loaded.name / targets["dpo"].key
+    return {"config": targets["dpo"].config, "out": out, "run": json.loads((out / "run.json").read_text()),
             "deepspeed": launch["deepspeed_config"]}
 
 

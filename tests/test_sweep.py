@@ -1,11 +1,13 @@
-"""The sweep launcher (slurm/sweep.py) against a real Slurm on localhost (slurm/local_cluster.sh, with slurmdbd, so
-sacct is the real one), and on submitit's local and debug executors. Tiny random Llama, a few steps per run.
+"""The sweep launcher (slurm/sweep.py): the sweep file and its plan, the job command lines, and the whole loop on a
+real Slurm on localhost (slurm/local_cluster.sh, with slurmdbd, so sacct is the real one): the session's one tiny
+Slurm sweep (conftest.slurm_sweep, made by pipeline.py) read by the sweep, pipeline and analysis tests here, then
+re-submission, --redo, preemption and cancellation. Tiny random Llama, a few steps per run. The local and debug
+executors run the same sweep file in tests/test_pipeline.py.
 
 `make test` brings the cluster up before pytest and down after it; run alone, the `cluster` fixture starts it and
 stops it again at the end (only if it started it).
 """
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -17,62 +19,22 @@ import psutil
 import pytest
 import yaml
 
-from conftest import REPO, analyse_without_torch
-
-sys.path.insert(0, str(REPO / "slurm"))
-import generate  # noqa: E402
-import sweep  # noqa: E402
-from config import ConfigError  # noqa: E402
-from jsonl import read_jsonl  # noqa: E402
-
-SWEEP = "configs/sweep_tiny.yaml"
-CLUSTER = ["bash", str(REPO / "slurm" / "local_cluster.sh")]
-
-
-def launcher(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "slurm/sweep.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+import generate
+import pipeline
+import train_dpo
+from config import ConfigError
+from conftest import REPO, SWEEP, analyse_without_torch, record, run_main, sacct, wait_for_jobs
+from jsonl import read_jsonl
+from slurm import jobs as job_code
+from slurm import scheduler, sweep
+from slurm.spec import grid_runs, load_sweep
+from slurm.stages import Plan, Target, settle
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    started = subprocess.run([*CLUSTER, "status"], capture_output=True).returncode != 0
-    if started:
-        up = subprocess.run([*CLUSTER, "up"], capture_output=True, text=True, timeout=300)
-        assert up.returncode == 0, up.stdout + up.stderr
-    conf = subprocess.run([*CLUSTER, "env"], capture_output=True, text=True).stdout.split("=", 1)[1].strip()
-    previous = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = conf
-    yield conf
-    if previous is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = previous
-    if started:
-        subprocess.run([*CLUSTER, "down"], capture_output=True, timeout=300)
 
-
-def record(root: Path, name: str) -> dict:
-    return json.loads((root / name / "sweep.json").read_text())
-
-
-def wait_for_jobs(root: Path, name: str, timeout_s: float = 420) -> dict[str, str]:
-    """Poll sacct until none of the sweep's jobs is pending or running; returns key -> final state."""
-    deadline = time.time() + timeout_s
-    while True:
-        states = sweep.scheduler_states(record(root, name), root / name)
-        if not any(s in sweep.ACTIVE_STATES for s in states.values()):
-            return states
-        if time.time() > deadline:
-            logs = "\n".join(p.read_text()[-1500:] for p in sorted((root / name / "submitit").glob("*_log.err")))
-            pytest.fail(f"jobs still active after {timeout_s} s: {states}\n{logs}")
-        time.sleep(2)
-
-
-def sacct(*job_ids: str, duplicates: bool = False) -> list[list[str]]:
-    cmd = ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)]
-    out = subprocess.run(cmd + (["--duplicates"] if duplicates else []), capture_output=True, text=True, check=True)
-    return [line.split("|") for line in out.stdout.splitlines() if line]
+def launcher(*args) -> subprocess.CompletedProcess:
+    """slurm/sweep.py's main(argv), in this process."""
+    return run_main(sweep.main, *args)
 
 
 # ---------------------------------------------------------------- the sweep file and the plan (no cluster)
@@ -87,29 +49,29 @@ def write_sweep(tmp_path: Path, text: str) -> Path:
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("sweep_*.yaml")), ids=lambda p: p.name)
 def test_every_sweep_config_loads_and_expands(path, tmp_path):
     assert path.read_text().startswith("# "), "every config starts with a comment giving its command"
-    loaded = sweep.load_sweep(path, [f"root={tmp_path}"])
-    jobs = sweep.build_plan(loaded, str(path))
-    runs = [j for j in jobs if j.kind == "dpo"]
+    loaded = load_sweep(path, [f"root={tmp_path}"])
+    plan = Plan(loaded, str(path))
+    runs = plan.stage("dpo")
     n_grid = 1
     for values in loaded.grid.values():
         n_grid *= len(values)
-    trained = [j for j in jobs if j.kind != "reference"]
-    assert len(runs) == n_grid and len({j.config.output_dir for j in trained}) == len(trained)
-    assert all(j.config.loss.name == "dpo" for j in runs)
-    assert all(j.config.model.path == str(sweep.sweep_dir(loaded) / "sft" / "final") for j in runs)
-    assert [j.key for j in jobs if j.kind == "reference"] == ["reference-0"]
-    targets = sweep.generation_plan(loaded, jobs, str(path))  # generate.py's own parser checks the arguments
-    assert [t.name for t in targets] == ["sft", *(j.key for j in runs)]
-    assert all(t.out == sweep.sweep_dir(loaded) / "generations" / f"{t.name}.jsonl" for t in targets)
-    judging = sweep.judging_plan(loaded, jobs, str(path), targets)  # and judge.py's parser the judge's
-    assert [t.name for t in judging] == ["calibration", *(j.key for j in runs)]
-    assert all("--calibration" in t.argv for t in judging[1:])
-    assert not (sweep.sweep_dir(loaded) / "configs" / "heldout.yaml").exists(), "planning writes nothing"
+    trained = plan.stage("sft") + runs
+    assert len(runs) == n_grid and len({t.config.output_dir for t in trained}) == len(trained)
+    assert all(t.config.loss.name == "dpo" for t in runs)
+    assert all(t.config.model.path == str(loaded.folder / "sft" / "final") for t in runs)
+    assert [t.key for t in plan.stage("reference")] == ["reference-0"]
+    targets = plan.stage("generate")  # GenerateArgs checks the arguments, as generate.py's command line does
+    assert [t.name for t in targets] == ["sft", *(t.key for t in runs)]
+    assert all(t.out == loaded.folder / "generations" / f"{t.name}.jsonl" for t in targets)
+    judging = plan.stage("judge")  # and JudgeArgs the judge's
+    assert [t.name for t in judging] == ["calibration", *(t.key for t in runs)]
+    assert all("--calibration" in t.spec["argv"] for t in judging[1:])
+    assert not (loaded.folder / "configs" / "heldout.yaml").exists(), "planning writes nothing"
 
 
 def test_default_sweep_has_three_betas_on_smollm2():
-    loaded = sweep.load_sweep(REPO / "configs" / "sweep_default.yaml")
-    jobs = sweep.build_plan(loaded, "configs/sweep_default.yaml")
+    loaded = load_sweep(REPO / "configs" / "sweep_default.yaml")
+    jobs = [t for t in Plan(loaded, "configs/sweep_default.yaml").targets if t.job is not None]
     assert [j.key for j in jobs] == ["sft", "reference-0", "beta0.05_seed0", "beta0.1_seed0", "beta0.5_seed0"]
     assert jobs[0].config.loss.name == "sft" and jobs[0].config.output_dir == "logs/default/sft"
     assert jobs[0].config.model.path == "models/smollm2-135m-instruct"
@@ -120,15 +82,15 @@ def test_default_sweep_has_three_betas_on_smollm2():
 def test_run_names_are_readable_and_deterministic(tmp_path):
     path = write_sweep(tmp_path, "name: s\nbase: configs/tiny.yaml\ngrid:\n  loss.type: [sigmoid, ipo]\n"
                                  "  loss.beta: [0.1, 1.0e-2]\n  train.lr: [5.0e-7]\n")
-    names = [name for name, _ in sweep.grid_runs(sweep.load_sweep(path))]
+    names = [name for name, _ in grid_runs(load_sweep(path))]
     assert names == ["sigmoid_beta0.1_lr5e-07", "sigmoid_beta0.01_lr5e-07", "ipo_beta0.1_lr5e-07",
                      "ipo_beta0.01_lr5e-07"]
-    assert names == [name for name, _ in sweep.grid_runs(sweep.load_sweep(path))]
+    assert names == [name for name, _ in grid_runs(load_sweep(path))]
 
 
 def test_simpo_runs_need_no_reference_job(tmp_path):
     path = write_sweep(tmp_path, "name: s\nbase: configs/tiny.yaml\ngrid:\n  loss.type: [simpo]\n")
-    assert [j.kind for j in sweep.build_plan(sweep.load_sweep(path), str(path))] == ["sft", "dpo"]
+    assert [t.stage for t in Plan(load_sweep(path), str(path)).targets if t.job] == ["sft", "dpo"]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -150,7 +112,7 @@ def test_simpo_runs_need_no_reference_job(tmp_path):
 def test_bad_sweep_files_name_the_file_and_key(tmp_path, text, message):
     path = write_sweep(tmp_path, text)
     with pytest.raises(ConfigError, match=message) as info:
-        sweep.build_plan(sweep.load_sweep(path), str(path))
+        Plan(load_sweep(path), str(path))
     assert str(path) in str(info.value)
 
 
@@ -168,20 +130,18 @@ def test_bad_generation_settings_name_the_key(tmp_path, text, message):
     base = "name: s\nbase: configs/tiny.yaml\n" + ("" if text.startswith("grid") else "grid: {loss.beta: [0.1]}\n")
     path = write_sweep(tmp_path, base + text)
     with pytest.raises(ConfigError, match=message):
-        loaded = sweep.load_sweep(path)
-        jobs = sweep.build_plan(loaded, str(path))
-        sweep.judging_plan(loaded, jobs, str(path), sweep.generation_plan(loaded, jobs, str(path)))
+        Plan(load_sweep(path), str(path))
 
 
 def test_bad_training_key_in_the_grid_names_the_run(tmp_path):
     path = write_sweep(tmp_path, "name: s\nbase: configs/tiny.yaml\ngrid: {loss.bta: [0.1]}\n")
     with pytest.raises(ConfigError, match=r"sweep.yaml: run bta0.1: .*loss.bta: unknown config key.*loss.beta"):
-        sweep.build_plan(sweep.load_sweep(path), str(path))
+        Plan(load_sweep(path), str(path))
 
 
 def test_a_malformed_override_is_an_error_not_a_traceback():
     with pytest.raises(ConfigError, match="grid.loss.beta=\\[0.1'.*not valid YAML"):
-        sweep.load_sweep(REPO / SWEEP, ["grid.loss.beta=[0.1"])
+        load_sweep(REPO / SWEEP, ["grid.loss.beta=[0.1"])
 
 
 class FakeJobEnvironment:
@@ -191,11 +151,11 @@ class FakeJobEnvironment:
 
 @pytest.mark.parametrize("deepspeed", [None, "configs/accelerate/zero2.json"])
 def test_multi_node_command_ranks_nodes_and_shares_a_port(monkeypatch, deepspeed):
-    monkeypatch.setattr(sweep.submitit, "JobEnvironment", FakeJobEnvironment)
+    monkeypatch.setattr(job_code.submitit, "JobEnvironment", FakeJobEnvironment)
     monkeypatch.setenv("SLURM_JOB_ID", "123456")
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "64")
     launch = {"cpu_processes": 1, "deepspeed_config": deepspeed, "env": {"NCCL_DEBUG": "WARN"}, "local_parallelism": 1}
-    job = sweep.TrainJob("/snap", "/work", gpus_per_node=8, launch=launch, grace_s=60)
+    job = job_code.TrainJob("/snap", "/work", gpus_per_node=8, launch=launch, grace_s=60)
     cmd, env = job.command({"config": "/c.yaml", "mode": "train", "mixed_precision": "bf16"})
     flags = {a: b for a, b in zip(cmd, cmd[1:]) if a.startswith("--")}
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
@@ -212,12 +172,12 @@ def test_multi_node_command_ranks_nodes_and_shares_a_port(monkeypatch, deepspeed
 
 
 def test_command_line_overrides_reach_grid_and_resources(tmp_path):
-    loaded = sweep.load_sweep(REPO / SWEEP, ["grid.loss.beta=[0.2,0.3,0.4]", "slurm.partition=gpu",
-                                             "overrides.train.max_steps=7", f"root={tmp_path}"])
-    jobs = sweep.build_plan(loaded, SWEEP)
+    loaded = load_sweep(REPO / SWEEP, ["grid.loss.beta=[0.2,0.3,0.4]", "slurm.partition=gpu",
+                                       "overrides.train.max_steps=7", f"root={tmp_path}"])
+    trained = [t for t in Plan(loaded, SWEEP).targets if t.job is not None]
     assert loaded.slurm.partition == "gpu"
-    assert [j.key for j in jobs if j.kind == "dpo"] == ["beta0.2_seed0", "beta0.3_seed0", "beta0.4_seed0"]
-    assert all(j.config.train.max_steps == 7 and j.config.output_dir.startswith(str(tmp_path)) for j in jobs)
+    assert [t.key for t in trained if t.stage == "dpo"] == ["beta0.2_seed0", "beta0.3_seed0", "beta0.4_seed0"]
+    assert all(t.config.train.max_steps == 7 and t.config.output_dir.startswith(str(tmp_path)) for t in trained)
 
 
 def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path):
@@ -228,35 +188,23 @@ def test_dry_run_prints_the_plan_and_submits_nothing(tmp_path):
     assert not (tmp_path / "sweep_tiny").exists()
 
 
-def test_slurm_executor_without_sbatch_says_what_to_do(tmp_path):
-    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # the venv only: no sbatch
-    result = launcher("--config", SWEEP, f"root={tmp_path}", env=env)
+def test_slurm_executor_without_sbatch_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # the venv only: no sbatch
+    result = launcher("--config", SWEEP, f"root={tmp_path}")
     assert result.returncode == 2 and "sbatch not found" in result.stderr and "--executor local" in result.stderr
 
 
 # ---------------------------------------------------------------- on the real local Slurm cluster
 
 
-def pipeline(*args, timeout=900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "pipeline.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+def run_pipeline(*args) -> subprocess.CompletedProcess:
+    return run_main(pipeline.main, *args)
 
 
-@pytest.fixture(scope="module")
-def finished_sweep(cluster, tmp_path_factory):
-    """The whole loop on the tiny sweep (SFT, reference, 2 betas x 1 seed, answers, judging, report) submitted to
-    Slurm by pipeline.py, which follows the jobs to the end: training, then `--generate` waiting on it, `--judge`
-    waiting on that, and the analysis job waiting on everything."""
-    root = tmp_path_factory.mktemp("slurm")
-    result = pipeline("--config", SWEEP, f"root={root}", f"report={root}/report", "--progress-s", "2")
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    states = wait_for_jobs(root, "sweep_tiny")
-    yield root, result.stdout, states
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def test_slurm_sweep_runs_sft_reference_and_one_array(finished_sweep):
-    root, output, states = finished_sweep
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_slurm_sweep_runs_sft_reference_and_one_array(slurm_sweep):
+    root, output, states = slurm_sweep
     out = root / "sweep_tiny"
     assert {k: v for k, v in states.items() if not k.startswith(("generate/", "judge/", "analyze"))} == {
         "sft": "COMPLETED", "reference-0": "COMPLETED", "beta0.1_seed0": "COMPLETED", "beta0.5_seed0": "COMPLETED"}
@@ -283,8 +231,10 @@ def test_slurm_sweep_runs_sft_reference_and_one_array(finished_sweep):
     assert betas == {0.1, 0.5}
 
 
-def test_jobs_run_the_code_snapshot_taken_at_submission(finished_sweep):
-    root, _, _ = finished_sweep
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_jobs_run_the_code_snapshot_taken_at_submission(slurm_sweep):
+    root, _, _ = slurm_sweep
     out = root / "sweep_tiny"
     (snapshot,) = (out / "code").iterdir()
     assert (snapshot / "train_dpo.py").read_bytes() == (REPO / "train_dpo.py").read_bytes()
@@ -295,8 +245,10 @@ def test_jobs_run_the_code_snapshot_taken_at_submission(finished_sweep):
     assert f"{snapshot}/generate.py --model" in (out / "submitit" / f"{generation_job}_0_log.out").read_text()
 
 
-def test_generation_waits_for_training_then_answers_for_every_model(finished_sweep):
-    root, output, states = finished_sweep
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_generation_waits_for_training_then_answers_for_every_model(slurm_sweep):
+    root, output, states = slurm_sweep
     out = root / "sweep_tiny"
     jobs = record(root, "sweep_tiny")["jobs"]
     models = ("sft", "beta0.1_seed0", "beta0.5_seed0")
@@ -324,8 +276,10 @@ def test_generation_waits_for_training_then_answers_for_every_model(finished_swe
         m: ["COMPLETED", str(len(prompt_ids)), "yes"] for m in models}
 
 
-def test_judging_waits_for_generation_then_judges_every_run_with_the_calibration(finished_sweep):
-    root, output, states = finished_sweep
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_judging_waits_for_generation_then_judges_every_run_with_the_calibration(slurm_sweep):
+    root, output, states = slurm_sweep
     out = root / "sweep_tiny"
     jobs = record(root, "sweep_tiny")["jobs"]
     assert {k: v for k, v in states.items() if k.startswith("judge/")} == {
@@ -351,10 +305,12 @@ def test_judging_waits_for_generation_then_judges_every_run_with_the_calibration
         t: ["COMPLETED", "yes"] for t in ("calibration", "beta0.1_seed0", "beta0.5_seed0")}
 
 
-def test_analysis_of_the_real_tiny_sweep(finished_sweep, tmp_path):
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_analysis_of_the_real_tiny_sweep(slurm_sweep, tmp_path):
     """analyze_sweep.py on what the sweep wrote on the local Slurm cluster: every run in the table, the win rates
     equal judge.py's summaries, every figure drawn, torch never imported."""
-    root, _, _ = finished_sweep
+    root, _, _ = slurm_sweep
     out = root / "sweep_tiny"
     result = analyse_without_torch("--sweep", out, "--out", tmp_path / "report", "--bootstrap", "200")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -387,8 +343,10 @@ def test_analysis_of_the_real_tiny_sweep(finished_sweep, tmp_path):
     assert "configs/sweep_tiny.yaml" in report and "β ∈ {0.1, 0.5}" in report
 
 
-def test_pipeline_ran_every_stage_on_slurm_and_showed_progress(finished_sweep):
-    root, output, states = finished_sweep
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_pipeline_ran_every_stage_on_slurm_and_showed_progress(slurm_sweep):
+    root, output, states = slurm_sweep
     out = root / "sweep_tiny"
     assert "executor slurm (the Slurm controller answers)" in output  # --executor auto found the cluster
     jobs = record(root, "sweep_tiny")["jobs"]
@@ -404,17 +362,19 @@ def test_pipeline_ran_every_stage_on_slurm_and_showed_progress(finished_sweep):
     assert "beta0.5_seed0" in (report / "README.md").read_text()
     assert (report / "figures" / "win_rate_vs_beta.png").stat().st_size > 10_000
     marker = json.loads((out / "analysis.done.json").read_text())
-    assert marker == sweep.analysis_marker(["--sweep", str(out), "--out", str(report)], out)
-    status = pipeline("--config", SWEEP, f"root={root}", f"report={report}", "--status")
+    assert marker == job_code.analysis_marker(["--sweep", str(out), "--out", str(report)], out)
+    status = run_pipeline("--config", SWEEP, f"root={root}", f"report={report}", "--status")
     rows = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[1:]}
     assert rows == {s: "completed" for s in ("prepare", "sft", "reference", "dpo", "generate", "judge", "analyze")}
 
 
-def test_pipeline_second_run_skips_every_stage(finished_sweep):
-    root, _, _ = finished_sweep
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_pipeline_second_run_skips_every_stage(slurm_sweep):
+    root, _, _ = slurm_sweep
     report = root / "report" / "README.md"
     before, written = record(root, "sweep_tiny"), report.stat().st_mtime_ns
-    again = pipeline("--config", SWEEP, f"root={root}", f"report={root}/report")
+    again = run_pipeline("--config", SWEEP, f"root={root}", f"report={root}/report")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "to do:" not in again.stdout and "every stage finished" in again.stdout
     assert "beta0.1_seed0: win rate" in again.stdout and f"report: {report}" in again.stdout
@@ -424,21 +384,23 @@ def test_pipeline_second_run_skips_every_stage(finished_sweep):
 
 def test_judging_waits_only_on_jobs_that_will_make_its_answers(tmp_path):
     """A comparison is queued behind generation jobs queued on Slurm; answers nobody is making block it."""
-    def gen(name, state, executor="slurm"):
-        return sweep.GenTarget(f"generate/{name}", name, "m", tmp_path / f"{name}.jsonl", [], None, state, "", "7")
+    def gen(name, state):
+        return Target("generate", f"generate/{name}", name, tmp_path / f"{name}.jsonl", {}, state=state, job_id="7")
 
     record = {"jobs": {"generate/sft": {"executor": "slurm"}, "generate/r1": {"executor": "slurm"},
                        "generate/r2": {"executor": "local"}}}
     cases = {"active on slurm": (gen("r1", "active"), "waiting"), "not submitted": (gen("r1", "waiting"), "blocked"),
              "running locally": (gen("r2", "active"), "blocked"), "answered": (gen("r1", "completed"), "submit")}
     for name, (dep, expected) in cases.items():
-        target = sweep.JudgeTarget("judge/r", "r", tmp_path / "v.jsonl", [], [], [dep, gen("sft", "completed")])
-        sweep.classify_judging([target], record, {})
+        target = Target("judge", "judge/r", "r", tmp_path / "v.jsonl", {}, [dep, gen("sft", "completed")])
+        settle(target, None, record, {})
         assert target.state == expected, (name, target.state, target.detail)
 
 
-def test_status_table_shows_every_run(finished_sweep):
-    root, _, _ = finished_sweep
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_status_table_shows_every_run(slurm_sweep):
+    root, _, _ = slurm_sweep
     result = launcher("--config", SWEEP, f"root={root}", "--status")
     assert result.returncode == 0, result.stderr
     header, *lines = result.stdout.splitlines()
@@ -454,8 +416,10 @@ def test_status_table_shows_every_run(finished_sweep):
         assert float(margin) == pytest.approx(evaluation["rewards/margins"], abs=1e-4)
 
 
-def test_rerun_submits_nothing_and_a_deleted_run_alone_is_resubmitted(finished_sweep):
-    root, _, _ = finished_sweep
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_rerun_submits_nothing_and_a_deleted_run_alone_is_resubmitted(slurm_sweep):
+    root, _, _ = slurm_sweep
     before = record(root, "sweep_tiny")
     again = launcher("--config", SWEEP, f"root={root}")
     assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout + again.stderr
@@ -473,23 +437,27 @@ def test_rerun_submits_nothing_and_a_deleted_run_alone_is_resubmitted(finished_s
     assert json.loads((root / "sweep_tiny" / "beta0.5_seed0" / "run.json").read_text())["status"] == "completed"
 
 
-def test_a_changed_config_over_a_finished_run_is_refused(finished_sweep):
-    root, _, _ = finished_sweep
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_a_changed_config_over_a_finished_run_is_refused(slurm_sweep):
+    root, _, _ = slurm_sweep
     result = launcher("--config", SWEEP, f"root={root}", "overrides.train.lr=0.002")
     assert result.returncode == 2
     assert "beta0.1_seed0 holds a run of a different config (train.lr: 0.001 -> 0.002)" in result.stderr
 
 
-def test_pipeline_redo_sets_a_stage_and_everything_after_it_aside(finished_sweep):
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_pipeline_redo_sets_a_stage_and_everything_after_it_aside(slurm_sweep):
     """The last test on the finished sweep: --redo generate --stage generate moves answers, verdicts and the report's
     record to replaced/<time>/ (nothing deleted) and answers again; judge and analyze are then to do."""
-    root, _, _ = finished_sweep
+    root, _, _ = slurm_sweep
     out = root / "sweep_tiny"
     answers = sorted(p.name for p in (out / "generations").iterdir())
-    refused = pipeline("--config", SWEEP, f"root={root}", "--redo", "dpo", "--stage", "judge", "--executor", "local")
+    refused = run_pipeline("--config", SWEEP, f"root={root}", "--redo", "dpo", "--stage", "judge", "--executor", "local")
     assert refused.returncode == 2 and "--redo dpo makes dpo again: add --stage dpo" in refused.stderr
     assert not (out / "replaced").exists(), "nothing moved before the refusal"
-    result = pipeline("--config", SWEEP, f"root={root}", f"report={root}/report", "--redo", "generate",
+    result = run_pipeline("--config", SWEEP, f"root={root}", f"report={root}/report", "--redo", "generate",
                       "--stage", "generate", "--executor", "local")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (moved,) = (out / "replaced").iterdir()
@@ -497,18 +465,20 @@ def test_pipeline_redo_sets_a_stage_and_everything_after_it_aside(finished_sweep
     assert (moved / "judgments" / "calibration.summary.json").is_file() and (moved / "analysis.done.json").is_file()
     assert (out / "beta0.1_seed0" / "final").is_dir()  # training stays
     assert all(read_jsonl(out / "generations" / f"{m}.jsonl") for m in ("sft", "beta0.1_seed0", "beta0.5_seed0"))
-    status = pipeline("--config", SWEEP, f"root={root}", f"report={root}/report", "--status")
+    status = run_pipeline("--config", SWEEP, f"root={root}", f"report={root}/report", "--status")
     rows = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[1:]}
     assert rows["dpo"] == rows["generate"] == "completed" and rows["judge"] == rows["analyze"] == "todo", status.stdout
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 def test_preempted_run_requeues_and_ends_as_an_uninterrupted_run(cluster, tmp_path):
     """submitit's own preemption (scancel --signal TERM, then USR2): the job checkpoints, requeues and resumes;
     its final metrics and weights equal those of the same config run without interruption."""
     import submitit
 
     args = ["--config", SWEEP, f"root={tmp_path}", "name=preempt", "sft.path=models/tiny-llama",
-            "grid.loss.beta=[0.1]", "overrides.train.max_steps=200", "overrides.train.save_every=0"]
+            "grid.loss.beta=[0.1]", "overrides.train.max_steps=40", "overrides.train.save_every=0"]
     result = launcher(*args)
     assert result.returncode == 0, result.stdout + result.stderr
     out = tmp_path / "preempt" / "beta0.1_seed0"
@@ -526,13 +496,12 @@ def test_preempted_run_requeues_and_ends_as_an_uninterrupted_run(cluster, tmp_pa
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "completed" and info["slurm"]["SLURM_RESTART_COUNT"] == "1"
     resumed_step = int(Path(info["resumed_from"]).name.split("-")[1])
-    assert 5 <= resumed_step < 200
+    assert 5 <= resumed_step < 40
     train_steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"]
-    assert train_steps == list(range(1, 201)), "no step lost or logged twice across the requeue"
+    assert train_steps == list(range(1, 41)), "no step lost or logged twice across the requeue"
 
     config = tmp_path / "preempt" / "configs" / "beta0.1_seed0.yaml"
-    plain = subprocess.run([sys.executable, "train_dpo.py", "--config", str(config), f"output_dir={tmp_path / 'plain'}"],
-                           cwd=REPO, capture_output=True, text=True, timeout=600)
+    plain = run_main(train_dpo.main, "--config", config, f"output_dir={tmp_path / 'plain'}")
     assert plain.returncode == 0, plain.stderr[-2000:]
     reference = json.loads((tmp_path / "plain" / "run.json").read_text())
     for key, value in reference["final_eval"].items():
@@ -540,12 +509,14 @@ def test_preempted_run_requeues_and_ends_as_an_uninterrupted_run(cluster, tmp_pa
     assert info["parameter_checksums"] == pytest.approx(reference["parameter_checksums"], rel=1e-9)
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 def test_a_failed_stage_cancels_its_dependants_and_cancel_stops_a_sweep(cluster, tmp_path):
     args = ["--config", SWEEP, f"root={tmp_path}", "name=cancelme", "overrides.train.max_steps=100000"]
 
     def wait_until_sft_runs() -> dict:
         deadline = time.time() + 120
-        while sweep.scheduler_states(record(tmp_path, "cancelme"), tmp_path / "cancelme").get("sft") != "RUNNING":
+        while scheduler.scheduler_states(record(tmp_path, "cancelme"), tmp_path / "cancelme").get("sft") != "RUNNING":
             assert time.time() < deadline, "the SFT job never started"
             time.sleep(0.5)
         return record(tmp_path, "cancelme")["jobs"]
@@ -567,45 +538,7 @@ def test_a_failed_stage_cancels_its_dependants_and_cancel_stops_a_sweep(cluster,
     assert "nothing queued or running" in launcher(*args, "--cancel").stdout
 
 
-# ---------------------------------------------------------------- submitit's local and debug executors
-
-
-@pytest.mark.parametrize("executor", ["local", "debug"])
-def test_local_and_debug_executors_run_the_same_sweep_file(tmp_path, executor):
-    result = launcher("--config", SWEEP, "--executor", executor, f"root={tmp_path}")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = tmp_path / "sweep_tiny"
-    for run in ("sft", "beta0.1_seed0", "beta0.5_seed0"):
-        assert json.loads((out / run / "run.json").read_text())["status"] == "completed", run
-        assert (out / run / "final" / "config.json").is_file()
-    assert "beta0.5_seed0 done: eval loss" in result.stdout
-    assert len(list((out / "ref_cache").glob("*.pt"))) == 1
-    assert {r["executor"] for r in record(tmp_path, "sweep_tiny")["jobs"].values()} == {executor}
-    again = launcher("--config", SWEEP, "--executor", executor, f"root={tmp_path}")
-    assert "nothing to submit" in again.stdout
-    generation = launcher("--config", SWEEP, "--executor", executor, f"root={tmp_path}", "--generate")
-    assert generation.returncode == 0, generation.stdout[-3000:] + generation.stderr[-3000:]
-    for run in ("sft", "beta0.1_seed0", "beta0.5_seed0"):
-        rows = read_jsonl(out / "generations" / f"{run}.jsonl")
-        assert rows and {r["model_name"] for r in rows} == {run}
-        assert f"{run}: {len(rows)} answers in" in generation.stdout
-    (out / "generations" / "sft.jsonl").unlink()  # answers gone, marker left: answered again, alone
-    redo = launcher("--config", SWEEP, "--executor", executor, f"root={tmp_path}", "--generate")
-    assert redo.returncode == 0 and "started generation for sft" in redo.stdout, redo.stdout + redo.stderr
-    assert "started generation for beta" not in redo.stdout and read_jsonl(out / "generations" / "sft.jsonl")
-    broken = launcher("--config", SWEEP, "--executor", executor, f"root={tmp_path}", "--generate",
-                      "generate.prompts=[nope.jsonl]")
-    assert broken.returncode == 1
-    assert "generation for sft FAILED: " in broken.stdout and "generate.py for" in broken.stdout
-    assert "error: --prompts nope.jsonl: no such file" in broken.stdout
-    judging = launcher("--config", SWEEP, "--executor", executor, f"root={tmp_path}", "--judge")
-    assert judging.returncode == 0, judging.stdout[-3000:] + judging.stderr[-3000:]
-    assert "calibration: agreement with human labels" in judging.stdout
-    for run in ("beta0.1_seed0", "beta0.5_seed0"):
-        assert f"{run}: win rate" in judging.stdout
-        assert json.loads((out / "judgments" / f"{run}.summary.json").read_text())["n"] == 8
-    again = launcher("--config", SWEEP, "--executor", executor, f"root={tmp_path}", "--judge")
-    assert again.returncode == 0 and "nothing to submit" in again.stdout
+# ---------------------------------------------------------------- process trees
 
 
 TRAINER = """import os, signal, sys, time
@@ -618,6 +551,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.multiprocess
 def test_signals_reach_trainers_in_sessions_of_their_own(tmp_path):
     """torch's launcher starts each trainer of a multi-process run in its own session: the checkpoint signal and the
     final stop must reach them too, not only the launcher's process group."""
@@ -629,20 +563,20 @@ def test_signals_reach_trainers_in_sessions_of_their_own(tmp_path):
         proc = subprocess.Popen([sys.executable, tmp_path / "launcher.py", tmp_path / "trainer.py", seen],
                                 start_new_session=True)
         deadline = time.time() + 20
-        while not sweep.descendants(proc) and time.time() < deadline:
+        while not job_code.descendants(proc) and time.time() < deadline:
             time.sleep(0.1)
         time.sleep(3)  # the trainer's handler installed
-        return proc, sweep.descendants(proc)
+        return proc, job_code.descendants(proc)
 
     proc, (trainer,) = launch()
-    sweep.signal_tree(proc, signal.SIGUSR2)
+    job_code.signal_tree(proc, signal.SIGUSR2)
     deadline = time.time() + 20
     while not seen.is_file() and time.time() < deadline:
         time.sleep(0.1)
     assert seen.is_file(), "the trainer in its own session got the checkpoint signal"
     proc.kill()
     proc, (orphan,) = launch()
-    sweep.stop_tree(proc)  # SIGTERM: the trainer has no handler for it and ends
+    job_code.stop_tree(proc)  # SIGTERM: the trainer has no handler for it and ends
     try:
         assert orphan.status() == psutil.STATUS_ZOMBIE  # ended, waiting for init to reap it
     except psutil.NoSuchProcess:
@@ -654,16 +588,16 @@ def test_array_states_parse_from_sacct_and_squeue(monkeypatch):
     (a single row under the array id), and a job only slurmctld knows yet. The scheduler is a fake here."""
     outputs = {"sacct": "61|CANCELLED by 0\n62_[0-1%2]|PENDING\n63|CANCELLED by 0\n",
                "squeue": "64_0|RUNNING\n64_1|PENDING\n"}
-    monkeypatch.setattr(sweep.shutil, "which", lambda name: name)
-    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, outputs[cmd[0]], ""))
-    states = sweep.slurm_states(["61", "62_0", "62_1", "63_0", "63_1", "64_0", "64_1"])
+    monkeypatch.setattr(scheduler.shutil, "which", lambda name: name)
+    monkeypatch.setattr(scheduler.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, outputs[cmd[0]], ""))
+    states = scheduler.slurm_states(["61", "62_0", "62_1", "63_0", "63_1", "64_0", "64_1"])
     assert states == {"61": "CANCELLED", "62_0": "PENDING", "62_1": "PENDING", "63": "CANCELLED", "63_0": "CANCELLED",
                       "63_1": "CANCELLED", "64_0": "RUNNING", "64_1": "PENDING"}
 
 
 def test_a_scheduler_that_does_not_answer_is_an_error_not_an_empty_queue(monkeypatch):
-    monkeypatch.setattr(sweep.shutil, "which", lambda name: name)
-    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+    monkeypatch.setattr(scheduler.shutil, "which", lambda name: name)
+    monkeypatch.setattr(scheduler.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
         cmd, 1, "", "sacct: error: Problem talking to the database: Connection refused"))
-    with pytest.raises(sweep.UserInputError, match="Connection refused.*cannot tell which jobs are still queued"):
-        sweep.slurm_states(["61"])
+    with pytest.raises(scheduler.UserInputError, match="Connection refused.*cannot tell which jobs are still queued"):
+        scheduler.slurm_states(["61"])

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import bookkeeping
 import train_dpo
-from conftest import free_port
+from conftest import free_port, run_main
 from config import load_config
 from jsonl import read_jsonl
 from models import save_tiny_model
@@ -105,7 +106,7 @@ def test_lora_trains_adapters_only_and_writes_adapter_and_merged(tmp_path, tiny_
     run_in_process(config(tmp_path, tiny_dir, "lora.r=4", "lora.alpha=8", "train.max_steps=3"))
     final = tmp_path / "run" / "final"
     assert (final / "adapter" / "adapter_config.json").is_file() and (final / "config.json").is_file()
-    ckpt = weights(train_dpo.find_checkpoint(tmp_path / "run"))
+    ckpt = weights(bookkeeping.find_checkpoint(tmp_path / "run"))
     before = weights(tiny_dir)
     lora_b = [k for k in ckpt if "lora_B" in k]
     assert lora_b and any(ckpt[k].abs().sum() > 0 for k in lora_b)  # B starts at zero: it moved
@@ -146,15 +147,13 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, tiny_dir
 
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dir, monkeypatch):
-    import dpo_loss
-
-    real_loss, calls = dpo_loss.preference_loss, []
+    real_loss, calls = train_dpo.preference_loss, []
 
     def inf_on_third_call(*args, **kwargs):
         losses, chosen, rejected = real_loss(*args, **kwargs)
         calls.append(1)
         return (losses + float("inf") if len(calls) == 3 else losses), chosen, rejected
-    monkeypatch.setattr(dpo_loss, "preference_loss", inf_on_third_call)
+    monkeypatch.setattr(train_dpo, "preference_loss", inf_on_third_call)
     cfg = config(tmp_path, tiny_dir, "train.max_steps=4", "train.save_every=1")
     with pytest.raises(train_dpo.NonFiniteError, match=r"step 3: the loss is inf"):
         run_in_process(cfg)
@@ -190,17 +189,20 @@ def test_config_change_in_a_used_output_dir_is_refused(tmp_path, tiny_dir):
 def launch(tmp_path, tiny_dir, launcher_args, env_extra, out):
     env = {**os.environ, **env_extra}
     cmd = [str(REPO / ".venv" / "bin" / "accelerate"), "launch", *launcher_args, "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train_dpo.py",
+           "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+           "--dynamo_backend", "no", "train_dpo.py",
            "--config", "configs/tiny.yaml", f"model.path={tiny_dir}", f"output_dir={out}",
            f"loss.ref_cache_dir={tmp_path / 'ref_cache'}", "train.max_steps=3", "train.save_every=1"]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    checkpoint = train_dpo.find_checkpoint(out)  # every rank's RNG state landed inside the renamed folder
+    checkpoint = bookkeeping.find_checkpoint(out)  # every rank's RNG state landed inside the renamed folder
     assert checkpoint.name == "step-000003" and {"random_states_0.pkl", "random_states_1.pkl"} <= {
         p.name for p in checkpoint.iterdir()}
     return json.loads((out / "run.json").read_text())
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_process_ddp_keeps_ranks_identical(tmp_path, tiny_dir):
     info = launch(tmp_path, tiny_dir, ["--multi_gpu"], {"ACCELERATE_USE_CPU": "1"}, tmp_path / "ddp")
     assert info["status"] == "completed" and info["world_size"] == 2
@@ -208,6 +210,8 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path, tiny_dir):
     assert a == b
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_deepspeed_zero2_on_cpu_completes(tmp_path, tiny_dir):
     info = launch(tmp_path, tiny_dir, ["--use_deepspeed", "--deepspeed_config_file", "configs/accelerate/zero2_cpu.json"],
                   {"DS_ACCELERATOR": "cpu"}, tmp_path / "z2")
@@ -217,9 +221,9 @@ def test_deepspeed_zero2_on_cpu_completes(tmp_path, tiny_dir):
 
 
 def test_precompute_ref_fills_the_cache_a_run_then_hits(tmp_path, tiny_dir):
-    result = subprocess.run([sys.executable, "train_dpo.py", "--config", "configs/tiny.yaml", "--precompute-ref",
-                             f"model.path={tiny_dir}", f"loss.ref_cache_dir={tmp_path / 'ref_cache'}"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    reset_accelerate_state()
+    result = run_main(train_dpo.main, "--config", "configs/tiny.yaml", "--precompute-ref", f"model.path={tiny_dir}",
+                      f"loss.ref_cache_dir={tmp_path / 'ref_cache'}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert len(list((tmp_path / "ref_cache").glob("*.pt"))) == 1
     info = run_in_process(config(tmp_path, tiny_dir, "train.max_steps=1"))
@@ -252,13 +256,15 @@ def test_fused_logps_head_equals_sequence_logps_and_its_gradients(tokenizer, arc
         assert (a.grad - b.grad).abs().max() <= 1e-3 * a.grad.abs().max(), name
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes(tmp_path, tiny_dir):
     import signal
     import time
 
     out = tmp_path / "run"
     cmd = [sys.executable, "train_dpo.py", "--config", "configs/tiny.yaml", f"model.path={tiny_dir}",
-           f"output_dir={out}", f"loss.ref_cache_dir={tmp_path / 'ref_cache'}", "train.max_steps=150"]
+           f"output_dir={out}", f"loss.ref_cache_dir={tmp_path / 'ref_cache'}", "train.max_steps=40"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while len(read_jsonl(out / "metrics.jsonl")) < 3 and time.time() < deadline and proc.poll() is None:
@@ -268,12 +274,13 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes(tmp_path, tiny_dir):
     assert proc.returncode == 143, stderr[-2000:]
     run = json.loads((out / "run.json").read_text())
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl")]
-    assert run["status"] == "interrupted" and 3 <= steps[-1] < 150
+    assert run["status"] == "interrupted" and 3 <= steps[-1] < 40
     assert run["last_checkpoint"].endswith(f"step-{steps[-1]:06d}")
-    resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    reset_accelerate_state()
+    resumed = run_main(train_dpo.main, *cmd[2:])  # the re-run needs no process of its own
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"]
-    assert steps == list(range(1, 151))
+    assert steps == list(range(1, 41))
 
 
 def run_ranks(args: list, processes: int, env: dict, logs: Path) -> list[subprocess.CompletedProcess]:
@@ -300,6 +307,8 @@ def run_ranks(args: list, processes: int, env: dict, logs: Path) -> list[subproc
 
 
 @pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_a_full_disk_stops_with_a_clear_error_and_a_rerun_resumes(tmp_path, tiny_dir, processes):
     """A real full filesystem: output_dir on a 60 MB tmpfs holds the step-2 checkpoint (~40 MB) but not step 4's. With
     two DDP processes both stop with exit code 4 (neither waits at a barrier the other left), rank 0 alone says why,
@@ -349,7 +358,7 @@ def test_a_full_disk_stops_with_a_clear_error_and_a_rerun_resumes(tmp_path, tiny
     (MemoryError(), None),
 ])
 def test_disk_full_reason_reads_each_writers_way_of_saying_it(tmp_path, error, reason):
-    assert train_dpo.disk_full_reason(error, tmp_path) == reason
+    assert bookkeeping.disk_full_reason(error, tmp_path) == reason
 
 
 def test_write_agreed_removes_the_partial_folder_and_names_the_kept_checkpoint(tmp_path):
@@ -367,8 +376,8 @@ def test_write_agreed_removes_the_partial_folder_and_names_the_kept_checkpoint(t
     def write():
         (partial / "model.safetensors").write_bytes(b"\0" * 3 * 2**20)
         raise OSError(28, "No space left on device", str(partial / "optimizer.bin"))
-    with pytest.raises(train_dpo.DiskFullError) as caught:
-        train_dpo.write_agreed(accelerator, partial, "the step-4 checkpoint", out, write)
+    with pytest.raises(bookkeeping.DiskFullError) as caught:
+        bookkeeping.write_agreed(accelerator, partial, "the step-4 checkpoint", out, write)
     message = str(caught.value)
     assert message.startswith(f"no space left on the device holding {out} while writing the step-4 checkpoint")
     assert "3 MiB had been written" in message and f"{kept}, is kept" in message
@@ -377,4 +386,4 @@ def test_write_agreed_removes_the_partial_folder_and_names_the_kept_checkpoint(t
     def broken():
         raise ValueError("not a disk error")
     with pytest.raises(ValueError, match="not a disk error"):  # anything else passes through untouched
-        train_dpo.write_agreed(accelerator, partial, "the final model", out, broken)
+        bookkeeping.write_agreed(accelerator, partial, "the final model", out, broken)

@@ -1,14 +1,12 @@
 """The dry run end to end as a user runs it: real config, real data, real tokenizer; bad input exits 2 cleanly."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import train_dpo
+from conftest import run_main
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "train_dpo.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    return run_main(train_dpo.main, *args)
 
 
 def test_default_config_dry_run():
