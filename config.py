@@ -180,7 +180,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this (0 = no clipping)."""
     mixed_precision: str = "no"
-    """no (compute in model.dtype) or bf16 (autocast; keep model.dtype=float32 master weights)."""
+    """no (compute in model.dtype), bf16 (autocast; keep model.dtype=float32 master weights), or auto: bf16 where the
+    hardware runs it natively (a GPU, a CPU with avx512_bf16/amx_bf16), no elsewhere, decided where the run runs."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     freeze_layers: int = 0
@@ -195,6 +196,9 @@ class TrainConfig:
     """Write a resumable checkpoint every N steps (0 = only the final one)."""
     keep_checkpoints: int = 1
     """How many of the newest checkpoints to keep."""
+    save_final_state: bool = False
+    """Also write a resumable checkpoint (optimizer state included: ~3x the weights) when the run completes; by
+    default a completed run writes final/ only."""
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in output_dir; never: start fresh (refuses a used dir)."""
     log_every: int = 1
@@ -203,7 +207,7 @@ class TrainConfig:
     def __post_init__(self):
         require(self.max_steps > 0, "train.max_steps", f"must be > 0; got {self.max_steps}")
         one_of("train.scheduler", self.scheduler, ("linear", "cosine", "constant"))
-        one_of("train.mixed_precision", self.mixed_precision, ("no", "bf16"))
+        one_of("train.mixed_precision", self.mixed_precision, ("no", "bf16", "auto"))
         one_of("train.resume", self.resume, ("auto", "never"))
         require(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "train.adam_betas",
                  f"must be two numbers in [0, 1); got {self.adam_betas}")

@@ -18,10 +18,12 @@ def _clean(value):
     return value
 
 
-def append_jsonl(path: str | Path, record: dict) -> None:
-    line = json.dumps({k: _clean(v) for k, v in record.items()}, ensure_ascii=False) + "\n"
+def append_jsonl(path: str | Path, record: dict | list[dict]) -> None:
+    """One record, or a list of them in one write."""
+    records = record if isinstance(record, list) else [record]
+    text = "".join(json.dumps({k: _clean(v) for k, v in r.items()}, ensure_ascii=False) + "\n" for r in records)
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
+        fh.write(text)
         fh.flush()
 
 

@@ -11,9 +11,10 @@ for the reference once. --precompute-ref fills that cache and exits. --dry-run v
 one tokenised example, and exits without training. --plan hands the config to the memory planner (slurm/plan.py).
 
 The recipe: setup() (data, policy, optimizer, reference log-probs, resume) -> train() (the loop; train_step() is
-one optimizer step) -> finish() (final eval, checkpoint, final/) -> teardown(). Writes to output_dir (bookkeeping.py):
-metrics.jsonl (TRL's metric names, split train/eval), config.yaml, run.json, checkpoints/ (atomic, resumable with
-train.resume=auto) and final/ (Hugging Face format; with LoRA also final/adapter/).
+one optimizer step) -> finish() (final eval, final/) -> teardown(). Writes to output_dir (bookkeeping.py):
+metrics.jsonl (TRL's metric names, split train/eval), eval_pairs.jsonl (every eval's per-pair log-probs and rewards),
+config.yaml, run.json, checkpoints/ (atomic, resumable with train.resume=auto; a completed run writes none unless
+train.save_final_state) and final/ (Hugging Face format; with LoRA also final/adapter/).
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, gather_object
 from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
 
 from bookkeeping import (DiskFullError, check_output_dir, disk_full_reason, find_checkpoint, full_numel,
                          launched_as_rank_zero, now, parameter_checksum, run_record, save_checkpoint, save_final,
@@ -41,9 +41,11 @@ from bookkeeping import (DiskFullError, check_output_dir, disk_full_reason, find
 from chat_format import IGNORE_INDEX, resolve_template, sequence_and_labels, tokenize_pairs
 from config import Config, UserInputError, load_config, to_yaml
 from dpo_loss import LENGTH_AVERAGED, preference_loss, sequence_logps, token_logps
+from host import resolve_mixed_precision
 from jsonl import append_jsonl, read_jsonl, rewrite_jsonl
 from models import load_model, load_tokenizer, model_fingerprint
 from preference_data import load_pairs, split_pairs
+from progress import Progress
 
 CACHE_VERSION = 2
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -229,10 +231,11 @@ def summarise(terms: dict) -> dict:
 # ---------------------------------------------------------------- reference log-probs, cached on disk
 
 
-def reference_key(cfg: Config, pairs) -> str:
+def reference_key(cfg: Config, pairs, precision: str) -> str:
+    """precision: the resolved train.mixed_precision (accelerator.mixed_precision), never "auto"."""
     digest = hashlib.sha256()
     digest.update(json.dumps({"v": CACHE_VERSION, "reference": model_fingerprint(cfg.loss.reference_path or cfg.model.path),
-                              "dtype": cfg.model.dtype, "mixed_precision": cfg.train.mixed_precision}).encode())
+                              "dtype": cfg.model.dtype, "mixed_precision": precision}).encode())
     for p in sorted(pairs, key=lambda p: p.id):
         digest.update(json.dumps([p.id, p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
     return digest.hexdigest()[:20]
@@ -252,20 +255,23 @@ def padded_shards(items: list, batch_size: int, rank: int, world: int) -> list[t
 
 def compute_logps(model, pairs, accelerator, batch_size: int, pad_token_id: int, progress: str = "") -> dict:
     """{pair id: (chosen sum, rejected sum, chosen tokens, rejected tokens)} over all pairs, in eval mode and without
-    gradients, the work split across processes."""
+    gradients, the work split across processes; batches of similar length (less padding), a progress line when
+    `progress` names the pass."""
     results = {}
     was_training = model.training
     model.eval()
-    shards = padded_shards(pairs, batch_size, accelerator.process_index, accelerator.num_processes)
-    with torch.no_grad():
-        for batch_pairs, n_real in tqdm(shards, desc=progress, disable=not progress or not accelerator.is_main_process,
-                                        leave=False):
+    by_length = sorted(pairs, key=lambda p: len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)))
+    shards = padded_shards(by_length, batch_size, accelerator.process_index, accelerator.num_processes)
+    bar = Progress(progress, len(pairs), "pairs", enabled=bool(progress) and accelerator.is_main_process)
+    with torch.no_grad(), bar:
+        for batch_pairs, n_real in shards:
             batch = to_device(collate(batch_pairs, pad_token_id), accelerator.device)
             logps = forward_logps(model, batch).float().cpu()
             n_tokens = batch["response_tokens"].float().cpu()
             half = len(batch_pairs)
             for i, p in enumerate(batch_pairs[:n_real]):
                 results[p.id] = (float(logps[i]), float(logps[half + i]), float(n_tokens[i]), float(n_tokens[half + i]))
+            bar.update(n_real * accelerator.num_processes, tokens=int(batch["tokens"]) * accelerator.num_processes)
     model.train(was_training)
     merged = {}
     for part in gather_object([results]):
@@ -275,7 +281,7 @@ def compute_logps(model, pairs, accelerator, batch_size: int, pad_token_id: int,
 
 def reference_logps(cfg: Config, accelerator, get_reference, pairs, pad_token_id, log) -> tuple[dict, dict]:
     """Reference log-probs for these pairs from the cache, or computed once with get_reference() and cached."""
-    key = reference_key(cfg, pairs)
+    key = reference_key(cfg, pairs, accelerator.mixed_precision)
     path = Path(cfg.loss.ref_cache_dir) / f"{key}.pt"
     info = {"key": key, "path": str(path), "forward_passes": 0, "cache": "hit"}
     if path.is_file():
@@ -306,12 +312,16 @@ def ref_tensors(ref: dict | None, pairs, device):
 # ---------------------------------------------------------------- evaluation
 
 
-def evaluate(cfg: Config, model, pairs, ref, accelerator, pad_token_id) -> dict:
-    """Held-out metrics: loss, rewards/*, logps/*, perplexity of chosen responses, KL estimate; all processes."""
+def evaluate(cfg: Config, model, pairs, ref, accelerator, pad_token_id) -> tuple[dict, list[dict]]:
+    """Held-out metrics (loss, rewards/*, logps/*, perplexity of chosen responses, KL estimate) and one row per pair
+    (its log-probs and rewards, for eval_pairs.jsonl: paired statistics between runs); all processes."""
     if cfg.train.max_eval_pairs:
         pairs = pairs[:cfg.train.max_eval_pairs]
-    values = compute_logps(model, pairs, accelerator, cfg.train.eval_batch_size, pad_token_id)
+    values = compute_logps(model, pairs, accelerator, cfg.train.eval_batch_size, pad_token_id,
+                           progress=f"eval {Path(cfg.output_dir).name}")
     chosen, rejected, n_chosen, n_rejected = torch.tensor([values[p.id] for p in pairs]).unbind(1)
+    rows = [{"pair_id": p.id, "policy_chosen": float(chosen[i]), "policy_rejected": float(rejected[i]),
+             "chosen_tokens": int(n_chosen[i]), "rejected_tokens": int(n_rejected[i])} for i, p in enumerate(pairs)]
     if cfg.loss.name == "sft":
         _, terms = sft_terms(chosen, n_chosen)
         terms["logps/rejected"] = rejected
@@ -319,7 +329,14 @@ def evaluate(cfg: Config, model, pairs, ref, accelerator, pad_token_id) -> dict:
         ref_chosen, ref_rejected = ref_tensors(ref, pairs, "cpu")
         _, terms = pair_terms(cfg, torch.cat([chosen, rejected]), torch.cat([n_chosen, n_rejected]),
                               ref_chosen, ref_rejected)
-    return summarise(terms)
+        for i, row in enumerate(rows):
+            row.update({"ref_chosen": float(ref_chosen[i]) if ref_chosen is not None else None,
+                        "ref_rejected": float(ref_rejected[i]) if ref_rejected is not None else None,
+                        "reward_chosen": float(terms["rewards/chosen"][i]),
+                        "reward_rejected": float(terms["rewards/rejected"][i]),
+                        "margin": float(terms["rewards/margins"][i]),
+                        "correct": bool(terms["rewards/accuracies"][i] > 0), "loss": float(terms["loss"][i])})
+    return summarise(terms), rows
 
 
 # ---------------------------------------------------------------- model setup
@@ -382,11 +399,16 @@ def lr_lambda(cfg: Config):
 
 
 def make_accelerator(cfg: Config):
+    """The Accelerator, in train.mixed_precision; auto is resolved here, on the machine that runs (host.py):
+    config.yaml keeps "auto", the reference cache key and run.json the precision used (accelerator.mixed_precision)."""
+    precision, why = resolve_mixed_precision(cfg.train.mixed_precision)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     # On CPU, launched processes need gloo; without it DeepSpeed ranks each believe they are rank 0.
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
     accelerator = Accelerator(gradient_accumulation_steps=cfg.train.grad_accum,
-                              mixed_precision=cfg.train.mixed_precision, kwargs_handlers=handlers)
+                              mixed_precision=precision, kwargs_handlers=handlers)
+    accelerator.precision_line = (f"precision: weights {cfg.model.dtype}, " + (
+        "bf16 autocast" if accelerator.mixed_precision == "bf16" else f"compute in {cfg.model.dtype}") + f" ({why})")
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:  # we pass no dataloader, so DeepSpeed learns the batch size and clipping from the config
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
@@ -465,6 +487,7 @@ def setup(cfg: Config, log=print) -> Run:
     out_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg)
     say = log if accelerator.is_main_process else (lambda *_: None)
+    say(accelerator.precision_line)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
@@ -480,6 +503,7 @@ def setup(cfg: Config, log=print) -> Run:
     run = Run(cfg, accelerator, tokenizer, train_pairs, eval_pairs,
               run_record(cfg, out_dir, accelerator.num_processes, resume_from, len(train_pairs), len(eval_pairs)),
               out_dir, say)
+    run.info["mixed_precision"] = accelerator.mixed_precision  # what train.mixed_precision resolved to here
     if run.main:
         write_run_json(out_dir, run.info)
 
@@ -503,8 +527,9 @@ def setup(cfg: Config, log=print) -> Run:
         state = json.loads((resume_from / "trainer_state.json").read_text())
         run.step, run.tokens, run.elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
         if run.main:  # drop lines logged after the checkpoint: the resumed run logs those steps again
-            rewrite_jsonl(out_dir / "metrics.jsonl",
-                          [r for r in read_jsonl(out_dir / "metrics.jsonl") if r["step"] <= run.step])
+            for name in ("metrics.jsonl", "eval_pairs.jsonl"):  # rows past the checkpoint are redone
+                if (out_dir / name).exists():
+                    rewrite_jsonl(out_dir / name, [r for r in read_jsonl(out_dir / name) if r["step"] <= run.step])
         say(f"resumed from {resume_from} at step {run.step}")
     if run.main:
         write_run_json(out_dir, run.info)
@@ -524,8 +549,8 @@ def train(cfg: Config, log=print) -> dict:
     run = setup(cfg, log)
     stop_signals: list[int] = []
     handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signals.append(signum)) for sig in STOP_SIGNALS}
-    bar = tqdm(total=cfg.train.max_steps, initial=run.step, disable=not run.main, desc=f"{cfg.loss.name} train",
-               dynamic_ncols=True)
+    bar = Progress(f"{cfg.loss.name} train {out_dir.name}", cfg.train.max_steps, "steps", done=run.step,
+                   enabled=run.main)
     run.model.train()
     try:
         while run.step < cfg.train.max_steps:
@@ -593,9 +618,8 @@ def train_step(run: Run, stop_signals: list, bar) -> bool:
     step_tokens = int(counts[:, 0].sum())
     run.tokens += step_tokens
     row = summarise(gathered)
-    bar.update(1)
-    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('rewards/accuracies', float('nan')):.2f}",
-                    tok_s=f"{step_tokens / (time.time() - step_start):.0f}")
+    bar.update(1, tokens=step_tokens, note=f"loss {row['loss']:.4f}" + (
+        f", batch accuracy {row['rewards/accuracies']:.2f}" if "rewards/accuracies" in row else ""))
     if run.step % cfg.train.log_every == 0 or run.step == cfg.train.max_steps:
         run.log({"step": run.step, "epoch": round(run.epoch, 4), "split": "train", **row,
                  "grad_norm": float(grad_norm) if grad_norm is not None else None, "learning_rate": learning_rate,
@@ -605,17 +629,22 @@ def train_step(run: Run, stop_signals: list, bar) -> bool:
 
 
 def log_eval(run: Run) -> dict:
-    metrics = evaluate(run.cfg, run.model, run.eval_pairs, run.ref, run.accelerator, run.tokenizer.pad_token_id)
+    """One eval: its means to metrics.jsonl, its per-pair values to eval_pairs.jsonl (rows keyed by step, pair_id)."""
+    metrics, rows = evaluate(run.cfg, run.model, run.eval_pairs, run.ref, run.accelerator, run.tokenizer.pad_token_id)
+    if run.main:
+        append_jsonl(run.out_dir / "eval_pairs.jsonl", [{"step": run.step, **row} for row in rows])
     run.log({"step": run.step, "epoch": round(run.epoch, 4), "split": "eval", **metrics, "tokens": run.tokens,
              "elapsed_s": run.state()["elapsed_s"]})
     return metrics
 
 
 def finish(run: Run) -> None:
-    """The final eval, the last checkpoint, final/ and the parameter checksum; run.json says completed."""
+    """The final eval, final/ (and the last checkpoint with train.save_final_state) and the parameter checksum;
+    run.json says completed."""
     if run.eval_pairs:
         run.info["final_eval"] = log_eval(run)
-    save_checkpoint(run.accelerator, run.out_dir, run.step, run.state(), run.cfg.train.keep_checkpoints)
+    if run.cfg.train.save_final_state:
+        save_checkpoint(run.accelerator, run.out_dir, run.step, run.state(), run.cfg.train.keep_checkpoints)
     save_final(run.cfg, run.accelerator, run.model, run.tokenizer, run.out_dir)
     checksum = parameter_checksum(run.accelerator.unwrap_model(run.model))
     run.info["parameter_checksums"] = gather_object([checksum])  # one per process: equal under DDP and ZeRO
@@ -646,6 +675,7 @@ def precompute_reference(cfg: Config, log=print) -> dict:
     """Fill the reference log-prob cache for this config's data and exit (the sweep runs this once)."""
     accelerator = make_accelerator(cfg)
     say = log if accelerator.is_main_process else (lambda *_: None)
+    say(accelerator.precision_line)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
     train_pairs, eval_pairs = prepare_data(cfg, tokenizer, log=say)
 

@@ -30,6 +30,8 @@ from pathlib import Path
 import psutil
 import submitit
 
+from host import resolve_mixed_precision
+
 REPO = Path(__file__).resolve().parents[1]
 ANALYSIS_SKIPS = {"submitit", "code", "ref_cache", "checkpoints", "final", "replaced"}  # never read by the analysis
 ANALYSIS_MARKER = "analysis.done.json"
@@ -218,7 +220,7 @@ class TrainJob(_ProcessJob):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(per_node * nodes),
                "--num_machines", str(nodes), "--machine_rank", str(node_rank),
                "--main_process_ip", hosts[0] if nodes > 1 else "127.0.0.1", "--main_process_port", str(port),
-               "--mixed_precision", spec["mixed_precision"], "--dynamo_backend", "no", "--quiet",
+               "--mixed_precision", resolve_mixed_precision(spec["mixed_precision"])[0], "--dynamo_backend", "no", "--quiet",
                "--num_cpu_threads_per_process", str(threads)]
         # torchrun (several processes) would turn SIGTERM into killing the trainers 30 s later, mid-checkpoint;
         # the trainers handle SIGTERM/USR2 themselves and stop at a step boundary.

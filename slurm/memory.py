@@ -270,7 +270,7 @@ class Precision:
 
 
 def precision(cfg: Config, ds: DeepSpeed | None) -> Precision:
-    autocast = cfg.train.mixed_precision == "bf16"
+    autocast = cfg.train.mixed_precision in ("bf16", "auto")
     ds_bf16 = ds is not None and (ds.bf16 if ds.bf16 is not None else autocast)
     weight = 2 if ds_bf16 else DTYPE_BYTES[cfg.model.dtype]
     compute = 2 if autocast or weight == 2 else 4
@@ -313,7 +313,7 @@ def layer_bytes_per_token(shape: ModelShape, cfg: Config, p: Precision, seq_len:
     saved = norms + attention + mlp
     if full:
         return saved + sum(inputs.values())
-    autocast = cfg.train.mixed_precision == "bf16"
+    autocast = cfg.train.mixed_precision in ("bf16", "auto")
     kept_as = 2 if autocast else t  # lora_A keeps its input in the dtype it computes in
     for name, n_in, _ in shape.linears():
         if name not in shape.adapted(cfg.lora.target_modules):
@@ -332,7 +332,7 @@ def autocast_copies(shape: ModelShape, cfg: Config, p: Precision, trained_only: 
     """Bytes per block of the bf16 copies autocast makes of fp32 weights (base linears, LoRA adapters) and keeps for
     their backward, until the backward of that block. trained_only: the copies it caches for a whole forward, even
     under no_grad (it caches those of weights that require grad)."""
-    if cfg.train.mixed_precision != "bf16":
+    if cfg.train.mixed_precision not in ("bf16", "auto"):
         return 0
     base = sum(n_in * n_out for _, n_in, n_out in shape.linears()) if p.weight == 4 else 0
     base = 0 if trained_only and cfg.lora.r else base
@@ -343,7 +343,7 @@ def autocast_copies(shape: ModelShape, cfg: Config, p: Precision, trained_only: 
 
 def head_copy(shape: ModelShape, cfg: Config, p: Precision) -> int:
     """The bf16 copy autocast caches of a trained fp32 LM head (the tied embedding) for the forward's head chunks."""
-    cached = cfg.train.mixed_precision == "bf16" and p.weight == 4 and not cfg.lora.r
+    cached = cfg.train.mixed_precision in ("bf16", "auto") and p.weight == 4 and not cfg.lora.r
     return 2 * shape.vocab * shape.hidden if cached else 0
 
 

@@ -162,7 +162,7 @@ def suggestion_lines(s: Suggestion | None, config_file: str = "", sweep: bool = 
         lines.append("  sweep settings: " + " ".join(settings + [f"overrides.{o}" for o in s.overrides]))
     else:
         launch = (f"accelerate launch --num_processes {s.gpus} --num_machines {s.nodes} --mixed_precision "
-                  f"{s.config.train.mixed_precision}")
+                  f"{'bf16' if s.config.train.mixed_precision == 'auto' else s.config.train.mixed_precision}")
         if ds:
             launch += f" --use_deepspeed --zero_stage {ds.stage}" + (
                 " --offload_optimizer_device cpu" if ds.offload_optimizer else "") + (

@@ -77,6 +77,16 @@ def test_sft_then_dpo_from_the_sft_model(tmp_path, tiny_dir):
     assert run["status"] == "completed" and run["config_hash"] and run["versions"]["torch"]
     assert (tmp_path / "run" / "config.yaml").read_text() == train_dpo.to_yaml(dpo)
     assert (tmp_path / "run" / "final" / "config.json").is_file()
+    assert not (tmp_path / "run" / "checkpoints").exists()  # no optimizer state at the end unless asked
+    pairs = read_jsonl(tmp_path / "run" / "eval_pairs.jsonl")  # every eval's per-pair values
+    assert sorted({r["step"] for r in pairs}) == [2, 3] and len(pairs) == 2 * run["eval_pairs"]
+    for ev in eval_rows:
+        mine = [r for r in pairs if r["step"] == ev["step"]]
+        assert len({r["pair_id"] for r in mine}) == run["eval_pairs"]
+        assert sum(r["margin"] for r in mine) / len(mine) == pytest.approx(ev["rewards/margins"], abs=1e-5)
+        assert sum(r["correct"] for r in mine) / len(mine) == pytest.approx(ev["rewards/accuracies"], abs=1e-6)
+        r = mine[0]
+        assert r["reward_chosen"] == pytest.approx(0.1 * (r["policy_chosen"] - r["ref_chosen"]), abs=1e-4)
 
 
 @pytest.mark.parametrize("loss_type, extra", [
@@ -103,7 +113,8 @@ def test_only_trainable_parameters_change_freeze(tmp_path, tiny_dir):
 
 
 def test_lora_trains_adapters_only_and_writes_adapter_and_merged(tmp_path, tiny_dir):
-    run_in_process(config(tmp_path, tiny_dir, "lora.r=4", "lora.alpha=8", "train.max_steps=3"))
+    run_in_process(config(tmp_path, tiny_dir, "lora.r=4", "lora.alpha=8", "train.max_steps=3",
+                          "train.save_final_state=true"))  # the last checkpoint holds the adapter's own weights
     final = tmp_path / "run" / "final"
     assert (final / "adapter" / "adapter_config.json").is_file() and (final / "config.json").is_file()
     ckpt = weights(bookkeeping.find_checkpoint(tmp_path / "run"))
