@@ -64,6 +64,8 @@ class GenerateArgs(EngineArgs):
     """0 = greedy, the evaluation default."""
     top_p: float = 1.0
     """Nucleus sampling mass (with --temperature > 0)."""
+    repetition_penalty: float = 1.0
+    """Divide the logits of tokens already in the prompt or answer by this (CTRL; HF and vLLM both); 1 = off."""
     max_new_tokens: int = 256
     """Answer length limit in tokens."""
     seed: int = 0
@@ -85,6 +87,7 @@ class GenerateArgs(EngineArgs):
         super().__post_init__()
         for name, ok, rule in (("n", self.n >= 1, ">= 1"), ("temperature", self.temperature >= 0, ">= 0"),
                                ("top-p", 0 < self.top_p <= 1, "in (0, 1]"),
+                               ("repetition-penalty", self.repetition_penalty > 0, "> 0"),
                                ("max-new-tokens", self.max_new_tokens >= 1, ">= 1"), ("limit", self.limit >= 0, ">= 0")):
             if not ok:
                 raise ArgsError(f"--{name} must be {rule}")

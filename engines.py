@@ -28,11 +28,15 @@ import torch
 
 from arguments import EngineArgs
 from config import UserInputError
+from host import kv_cache_gib, vllm_cpu_env
 from jsonl import append_jsonl, read_jsonl, repair_tail
 from models import load_model
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
+
+CALLER_ENV = {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")}
+"""vLLM-CPU settings the caller set before this module loaded: start_vllm keeps them."""
 
 # ---------------------------------------------------------------- what a checkpoint says about itself
 
@@ -129,7 +133,7 @@ class HFEngine:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
 
     def complete(self, prompts: list[list[int]], max_tokens: int, temperature: float, top_p: float = 1.0,
-                 seed: int | list[int] = 0) -> list[Completion]:
+                 seed: int | list[int] = 0, repetition_penalty: float = 1.0, on_done=None) -> list[Completion]:
         ids, mask = left_pad(prompts, self.pad, self.device)
         width = ids.shape[1]
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
@@ -138,8 +142,8 @@ class HFEngine:
             torch.manual_seed(seed[0] if isinstance(seed, list) else seed)
         with torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens,
-                                      eos_token_id=self.stop_ids, pad_token_id=self.pad, repetition_penalty=1.0,
-                                      **sampling)
+                                      eos_token_id=self.stop_ids, pad_token_id=self.pad,
+                                      repetition_penalty=repetition_penalty, **sampling)
         answers = []
         for prompt, row in zip(prompts, out[:, width:].tolist()):
             end = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
@@ -147,6 +151,8 @@ class HFEngine:
             answers.append(Completion(self.tokenizer.decode(kept, skip_special_tokens=True),
                                       len(row) if end is None else end + 1, "length" if end is None else "stop",
                                       len(prompt)))
+        if on_done:
+            on_done(len(prompts))
         return answers
 
     def choice(self, prompts: list[list[int]], token_ids: list[int]) -> list[list[float]]:
@@ -160,14 +166,22 @@ class HFEngine:
 
 
 def start_vllm(weights: str, tokenizer: str, args: EngineArgs, seed: int, max_model_len: int, error=UserInputError,
-               **extra):
+               kv_tokens: int = 0, log=None, **extra):
     """vLLM's offline LLM with this project's defaults: explicit sampling only (generation_config="vllm"), every
-    visible GPU that splits the heads, and on CPU eager mode, a 1 GiB KV cache and 30% of the memory (vLLM's
-    defaults ask for most of the machine). A start-up failure is one line naming the way out. One model per
-    process: vLLM does not reliably free a model's memory for a second one."""
+    visible GPU that splits the heads, and on CPU eager mode, every core the job owns (vLLM reserves one for its
+    scheduler otherwise), a KV cache sized for `kv_tokens` tokens at once (the batch; vLLM's default asks for most
+    of the RAM) and 30% of the memory. What the caller's environment sets itself is kept. A start-up failure is one
+    line naming the way out. One model per process: vLLM does not reliably free a model's memory for a second one."""
     gpu = on_gpu()
     if not gpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default asks for most of the RAM
+        gib, why = kv_cache_gib(model_config(weights), args.dtype, kv_tokens or max_model_len)
+        cpu_env = {**vllm_cpu_env(), "VLLM_CPU_KVCACHE_SPACE": str(gib)}
+        os.environ.update({k: v for k, v in cpu_env.items() if k not in CALLER_ENV})
+        if log:
+            log(f"vLLM on CPU: threads bound to cores {os.environ['VLLM_CPU_OMP_THREADS_BIND']} "
+                f"(VLLM_CPU_NUM_OF_RESERVED_CPU={os.environ['VLLM_CPU_NUM_OF_RESERVED_CPU']}); "
+                + (why if "VLLM_CPU_KVCACHE_SPACE" not in CALLER_ENV
+                   else f"KV cache {CALLER_ENV['VLLM_CPU_KVCACHE_SPACE']} GiB (VLLM_CPU_KVCACHE_SPACE as set)"))
     from vllm import LLM
 
     kwargs = dict(model=weights, tokenizer=tokenizer, dtype=args.dtype, seed=seed, max_model_len=max_model_len,
@@ -182,13 +196,42 @@ def start_vllm(weights: str, tokenizer: str, args: EngineArgs, seed: int, max_mo
                     f"with transformers") from None
 
 
+def _finished_bar(on_done):
+    """What vLLM takes as use_tqdm: called with an iterable while it adds requests (passed through untouched), and
+    without one for the bar over finished requests (a _Finished)."""
+    def factory(iterable=None, **_):
+        return iterable if iterable is not None else _Finished(on_done)
+    return factory
+
+
+class _Finished:
+    """The part of tqdm's interface vLLM's offline loop uses, forwarding each finished request to a callback."""
+
+    def __init__(self, on_done):
+        self.on_done, self.n, self.postfix, self.started = on_done, 0, "", time.time()
+
+    @property
+    def format_dict(self) -> dict:
+        return {"elapsed": max(time.time() - self.started, 1e-9)}
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.on_done(n)
+
+    def refresh(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class VLLMEngine:
     """vLLM's offline engine: per-answer seeds, a LoRA adapter through LoRARequest."""
 
     name = "vllm"
 
     def __init__(self, weights: str, tokenizer: str, stop_ids: list[int], args: EngineArgs, seed: int,
-                 max_model_len: int, adapter: str | None = None, error=UserInputError):
+                 max_model_len: int, adapter: str | None = None, error=UserInputError, kv_tokens: int = 0, log=None):
         from vllm import SamplingParams
 
         self.sampling_params, self.stop_ids = SamplingParams, stop_ids
@@ -203,16 +246,18 @@ class VLLMEngine:
                             f"merged model ({Path(adapter).parent}) or --engine hf")
             extra = dict(enable_lora=True, max_loras=1, max_lora_rank=max_rank)
             self.lora_request = LoRARequest("adapter", 1, str(Path(adapter).resolve()))
-        self.llm = start_vllm(weights, tokenizer, args, seed, max_model_len, error, **extra)
+        self.llm = start_vllm(weights, tokenizer, args, seed, max_model_len, error, kv_tokens, log, **extra)
 
     def complete(self, prompts: list[list[int]], max_tokens: int, temperature: float, top_p: float = 1.0,
-                 seed: int | list[int] = 0) -> list[Completion]:
+                 seed: int | list[int] = 0, repetition_penalty: float = 1.0, on_done=None) -> list[Completion]:
+        """on_done(n) is called as answers finish inside the one engine call (progress lines)."""
         seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
         params = [self.sampling_params(
-            n=1, temperature=temperature, top_p=top_p, top_k=0, min_p=0.0, repetition_penalty=1.0,
+            n=1, temperature=temperature, top_p=top_p, top_k=0, min_p=0.0, repetition_penalty=repetition_penalty,
             presence_penalty=0.0, frequency_penalty=0.0, max_tokens=max_tokens, stop_token_ids=self.stop_ids,
             seed=s, skip_special_tokens=True) for s in seeds]
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                    use_tqdm=_finished_bar(on_done) if on_done else False,
                                     lora_request=self.lora_request)
         return [Completion(o.outputs[0].text, len(o.outputs[0].token_ids), o.outputs[0].finish_reason,
                            len(o.prompt_token_ids)) for o in outputs]
@@ -300,11 +345,13 @@ class OpenAIEngine:
                                      "vLLM's logprob_token_ids; use --mode generate with other servers)", "rejected")
         return self._map(one, prompts)
 
-    def complete(self, prompts, max_tokens: int, temperature: float, top_p: float = 1.0, seed: int = 0) -> list:
+    def complete(self, prompts, max_tokens: int, temperature: float, top_p: float = 1.0, seed: int = 0,
+                 repetition_penalty: float = 1.0, on_done=None) -> list:
         """Completions, or RequestFailed for a prompt whose request failed."""
         def one(p):
             r = self._call(prompt=p, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                           extra_body={"stop_token_ids": self.stop_ids, "top_k": 0})
+                           extra_body={"stop_token_ids": self.stop_ids, "top_k": 0,
+                                       "repetition_penalty": repetition_penalty})
             if isinstance(r, RequestFailed):
                 return r
             choice = r.choices[0]

@@ -32,15 +32,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tqdm import tqdm
 
 from chat_format import FormattingError, fit_prompt, resolve_template
 from arguments import GenerateArgs
 from config import UserInputError, load_config, parse_cli
 from engines import (Completion, HFEngine, KeyedJsonl, VLLMEngine, context_length, digest, model_config,
                      stop_token_ids, vllm_available)
+from host import choose_engine, engine_dtype
 from models import load_tokenizer, model_fingerprint
 from preference_data import heldout_pairs, run_config_of, shared_data, subset
+from progress import Progress
 
 REPO = Path(__file__).resolve().parent
 NAMED_SETS = {"mt_bench": "mt_bench/question.jsonl", "alpaca_eval": "alpaca_eval/eval_instructions.jsonl"}
@@ -211,7 +212,7 @@ def resolve_model(path: str, name: str = "", base_model: str = "") -> ModelSpec:
 def sampling_settings(args, stop_ids: list[int], template: str, max_prompt_tokens: int) -> dict:
     """Everything that shapes an answer besides the model and the prompt; hashed into the row key."""
     settings = {"temperature": args.temperature, "top_p": args.top_p if args.temperature > 0 else 1.0, "top_k": 0,
-                "repetition_penalty": 1.0, "max_new_tokens": args.max_new_tokens, "stop_token_ids": stop_ids,
+                "repetition_penalty": args.repetition_penalty, "max_new_tokens": args.max_new_tokens, "stop_token_ids": stop_ids,
                 "chat_template": template, "max_prompt_tokens": max_prompt_tokens, "dtype": args.dtype}
     if args.temperature > 0:
         settings["seed"] = args.seed  # greedy answers do not depend on it: changing it must not redo them
@@ -251,10 +252,10 @@ class Request:
     key: str
 
 
-def answer(engine, batch: list[Request], args: GenerateArgs) -> list[Completion]:
+def answer(engine, batch: list[Request], args: GenerateArgs, on_done=None) -> list[Completion]:
     """One engine call for a batch of requests."""
     return engine.complete([r.prompt_ids for r in batch], args.max_new_tokens, args.temperature, args.top_p,
-                           [r.sample_seed for r in batch])
+                           [r.sample_seed for r in batch], args.repetition_penalty, on_done)
 
 
 def run(args: GenerateArgs, log=print) -> dict:
@@ -274,6 +275,7 @@ def run(args: GenerateArgs, log=print) -> dict:
     if max_prompt_tokens < 1:
         raise GenerationError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in --max-model-len "
                               f"{max_model_len}")
+    args.dtype, dtype_why = engine_dtype(args.dtype, "generate")
     settings = sampling_settings(args, stop_ids, template, max_prompt_tokens)
     settings_hash = digest(settings)
     prompts = load_prompts(args.prompts, args.model, args.turns, args.limit, args.subset_seed)
@@ -293,7 +295,7 @@ def run(args: GenerateArgs, log=print) -> dict:
             requests.append(Request(prompt, i, ids, truncated, kept, sample_seed(args.seed, prompt.id, i), key))
         if requests and engine is None:
             started = time.time()
-            engine = make_engine(spec, args, stop_ids, tokenizer, max_model_len, log)
+            engine = make_engine(spec, args, stop_ids, tokenizer, max_model_len, log, requests, dtype_why)
             stats["engine_start_s"] = round(time.time() - started, 1)
         if requests:
             generate_all(engine, requests, spec, args, settings, settings_hash, out, stats)
@@ -307,16 +309,20 @@ def run(args: GenerateArgs, log=print) -> dict:
     return {**stats, "tokens_per_s": round(rate, 1), "engine": engine.name if engine else None, "out": str(out.path)}
 
 
-def make_engine(spec: ModelSpec, args: GenerateArgs, stop_ids, tokenizer, max_model_len: int, log):
-    name = args.engine
+def make_engine(spec: ModelSpec, args: GenerateArgs, stop_ids, tokenizer, max_model_len: int, log,
+                requests: list[Request], dtype_why: str):
+    name, why = args.engine, "as asked"
     if name == "auto":
-        name = "vllm" if vllm_available() else "hf"
+        name, why = choose_engine(vllm_available(), len(requests), args.max_new_tokens, args.dtype)
     elif name == "vllm" and not vllm_available():
         raise GenerationError("--engine vllm: vLLM is not installed here (requirements-cpu.txt or requirements-gpu.txt)")
-    log(f"{spec.name}: starting the {name} engine on {spec.weights}" + (f" + LoRA {spec.adapter}" if spec.adapter else ""))
+    log(f"{spec.name}: starting the {name} engine ({why}), dtype {args.dtype} ({dtype_why}), on {spec.weights}"
+        + (f" + LoRA {spec.adapter}" if spec.adapter else ""))
     if name == "vllm":
+        batch = sorted(requests, key=lambda r: len(r.prompt_ids))[-(args.batch_size or DEFAULT_BATCH["vllm"]):]
+        kv_tokens = sum(len(r.prompt_ids) + args.max_new_tokens for r in batch)
         return VLLMEngine(spec.weights, spec.tokenizer, stop_ids, args, args.seed, max_model_len, spec.adapter,
-                          GenerationError)
+                          GenerationError, kv_tokens, log)
     return HFEngine(spec.weights, tokenizer, stop_ids, args.dtype, spec.adapter, GenerationError)
 
 
@@ -324,11 +330,15 @@ def generate_all(engine, requests: list[Request], spec: ModelSpec, args: Generat
                  settings_hash: str, out: KeyedJsonl, stats: dict) -> None:
     requests = sorted(requests, key=lambda r: len(r.prompt_ids))
     batch_size = args.batch_size or DEFAULT_BATCH[engine.name]
-    bar = tqdm(total=len(requests), unit="answer", desc=spec.name, file=sys.stderr, dynamic_ncols=True)
+    bar = Progress(f"generate {spec.name}", len(requests), "answers")
     for start in range(0, len(requests), batch_size):
         batch = requests[start:start + batch_size]
-        began = time.time()
-        answers = answer(engine, batch, args)
+        began, reported = time.time(), [0]
+
+        def on_done(n: int) -> None:
+            reported[0] += n
+            bar.update(n)
+        answers = answer(engine, batch, args, on_done=on_done)
         stats["generate_s"] += time.time() - began
         stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         for r, a in zip(batch, answers):
@@ -341,8 +351,7 @@ def generate_all(engine, requests: list[Request], spec: ModelSpec, args: Generat
                         "timestamp": stamp})
             stats["written"] += 1
             stats["new_tokens"] += a.new_tokens
-        bar.update(len(batch))
-        bar.set_postfix_str(f"{stats['new_tokens'] / max(stats['generate_s'], 1e-9):.0f} tok/s")
+        bar.update(len(batch) - reported[0], tokens=sum(a.new_tokens for a in answers))  # engines that do not report
     bar.close()
 
 

@@ -34,21 +34,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from tqdm import tqdm
 
 from chat_format import FormattingError, render_prompt, resolve_template
 from arguments import EngineArgs, JudgeArgs
 from config import UserInputError, parse_cli
 from engines import (HFEngine, KeyedJsonl, OpenAIEngine, RequestFailed, ServerArgs, VLLMEngine,
-                     context_length, digest, model_config, on_gpu, stop_token_ids, vllm_available)
+                     context_length, digest, model_config, stop_token_ids, vllm_available)
+from host import engine_dtype
 from jsonl import append_jsonl, read_jsonl, summary_path
 from models import load_tokenizer, model_fingerprint
 from preference_data import heldout_pairs, shared_data, subset
+from progress import Progress
 from stats import SCORE, bootstrap_ci, combine, first_position_rate, mean, order_consistency, unswap
 
 LETTERS = ("A", "B", "C")
 VERDICT_OF = {"A": "A", "B": "B", "C": "tie", "TIE": "tie"}
-DEFAULT_BATCH = {"hf": 8, "vllm": 256, "openai": 64}
+DEFAULT_BATCH = {"hf": 8, "vllm": 64, "openai": 64}  # vLLM: a progress line between calls
 CALIBRATION_SETS = ("llmbar:Natural", "llmbar:Adversarial", "heldout")
 LLMBAR_SUBSETS = {"Natural": ("Natural",),
                   "Adversarial": ("Adversarial/Neighbor", "Adversarial/GPTInst", "Adversarial/GPTOut", "Adversarial/Manual")}
@@ -411,17 +412,19 @@ class PromptBuilder:
 
 
 def make_engine(args: JudgeArgs, stop_ids, tokenizer, max_model_len: int, log):
-    """The judge's engine (engines.py). On CPU "auto" means float32: bf16 logits tie verdict letters (SmolLM2: A and
-    C both at exactly 26.0)."""
-    name = args.engine
+    """The judge's engine (engines.py). On CPU --dtype auto means float32 on every host (host.engine_dtype): bf16
+    logits tie verdict letters (SmolLM2: A and C both at exactly 26.0)."""
+    name, why = args.engine, "as asked"
     if name == "auto":
-        name = "openai" if args.base_url else "vllm" if vllm_available() else "hf"
+        name, why = (("openai", "--base-url given") if args.base_url else ("vllm", "vLLM is installed")
+                     if vllm_available() else ("hf", "vLLM is not installed"))
     if name == "openai" and not args.base_url:
         raise JudgeError("--engine openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
     if name == "vllm" and not vllm_available():
         raise JudgeError("--engine vllm: vLLM is not installed here (requirements-cpu.txt or requirements-gpu.txt)")
-    log(f"judge: starting the {name} engine on {args.base_url if name == 'openai' else args.judge_model}")
-    dtype = "float32" if args.dtype == "auto" and not on_gpu() else args.dtype
+    dtype, dtype_why = engine_dtype(args.dtype, "judge")
+    log(f"judge: starting the {name} engine ({why}) on {args.base_url if name == 'openai' else args.judge_model}"
+        + ("" if name == "openai" else f", dtype {dtype} ({dtype_why})"))
     if name == "openai":
         return OpenAIEngine(ServerArgs(args.base_url, args.api_key, args.served_model_name, args.concurrency,
                                        args.request_retries, args.request_timeout), stop_ids, JudgeError)
@@ -429,7 +432,7 @@ def make_engine(args: JudgeArgs, stop_ids, tokenizer, max_model_len: int, log):
         engine_args = EngineArgs(dtype=dtype, tensor_parallel_size=args.tensor_parallel_size,
                                  gpu_memory_utilization=args.gpu_memory_utilization)
         return VLLMEngine(args.judge_model, args.judge_model, stop_ids, engine_args, args.seed, max_model_len,
-                          error=JudgeError)
+                          error=JudgeError, log=log)
     return HFEngine(args.judge_model, tokenizer, stop_ids, dtype, error=JudgeError)
 
 
@@ -646,7 +649,7 @@ def write_row(out: KeyedJsonl, item: Item, res: dict, common: dict, sides: dict,
 def judge_all(engine, builder, todo: list[Item], args, batch_size: int, out: KeyedJsonl, common: dict,
               sides: dict) -> int:
     todo = sorted(todo, key=lambda it: len(it.prompt.ids))
-    bar = tqdm(total=len(todo), unit="verdict", desc="judge", file=sys.stderr, dynamic_ncols=True)
+    bar = Progress(f"judge {out.path.stem}", len(todo), "verdicts")
     calls = 0
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
@@ -654,7 +657,7 @@ def judge_all(engine, builder, todo: list[Item], args, batch_size: int, out: Key
         calls += sum(r["attempts"] for r in results)
         for item, res in zip(batch, results):
             write_row(out, item, res, common, sides, getattr(engine, "name", "custom"))
-        bar.update(len(batch))
+        bar.update(len(batch), tokens=sum(len(it.prompt.ids) for it in batch if it.prompt))
     bar.close()
     return calls
 

