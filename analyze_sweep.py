@@ -35,7 +35,7 @@ from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
 
 from config import UserInputError
 from jsonl import read_jsonl, summary_path
-from stats import (SCORE, bootstrap_ci, bradley_terry, combine, first_position_rate as rate_of_position_a, lc_win_rate,
+from stats import (SCORE, DEGENERATE_BELOW, bootstrap_ci, is_degenerate, bradley_terry, combine, first_position_rate as rate_of_position_a, lc_win_rate,
                    order_consistency, unswap)
 
 NOT_RUNS = {"configs", "code", "generations", "judgments", "submitit", "ref_cache", "replaced"}
@@ -66,6 +66,7 @@ class Run:
     problems: list[str] = field(default_factory=list)     # files that could not be read, with why
     non_finite: list[str] = field(default_factory=list)   # "step 7 (train): loss=None" for every non-finite value
     flags: dict[str, str] = field(default_factory=dict)   # flag -> what was seen
+    pairs: pd.DataFrame = field(default_factory=pd.DataFrame)  # the last eval's per-pair rows (eval_pairs.jsonl)
 
     @property
     def kind(self) -> str:
@@ -204,8 +205,117 @@ def load_runs(sweep: Path) -> list[Run]:
             run.status = "unreadable" if run.status in ("missing", "not started") else run.status
         if run.status == "not started" and not run.metrics.empty:
             run.status = "running"
+        run.pairs = read_eval_pairs(run.folder / "eval_pairs.jsonl", run)
         runs.append(run)
     return sorted(runs, key=lambda r: (r.kind != "sft", r.loss_type, r.beta or 0.0, r.seed or 0, r.name))
+
+
+def read_eval_pairs(path: Path, run: Run) -> pd.DataFrame:
+    """The last eval's rows of eval_pairs.jsonl (one per held-out pair; the last row wins for a repeated pair)."""
+    if not path.is_file():
+        return pd.DataFrame()
+    try:
+        rows = pd.DataFrame(read_lines(path))
+    except AnalysisError as e:
+        run.problems.append(str(e))
+        return pd.DataFrame()
+    if rows.empty or not {"step", "pair_id"} <= set(rows.columns):
+        run.problems.append(f"{path}: no step/pair_id columns")
+        return pd.DataFrame()
+    last = rows[rows["step"] == rows["step"].max()]
+    return last.drop_duplicates("pair_id", keep="last").set_index("pair_id")
+
+
+# ---------------------------------------------------------------- significance
+
+
+def significance(run: Run, seed: int, n_boot: int, alpha: float = 0.05) -> dict:
+    """Is the final held-out effect distinguishable from chance? Reward accuracy against 0.5 by a two-sided exact
+    binomial test (its Clopper-Pearson 95% CI excludes 0.5 exactly when p < 0.05; the accuracy-0.5 flag uses the
+    same test), the reward margin by a percentile bootstrap over pairs (CI excluding 0).
+    From eval_pairs.jsonl; without it (older runs) the accuracy test alone, from the mean and the pair count."""
+    final = run.final_eval()
+    if run.kind != "dpo" or "rewards/accuracies" not in final:
+        return {}
+    pairs = run.pairs if "correct" in run.pairs else pd.DataFrame()
+    n = len(pairs) if not pairs.empty else eval_pairs(run)
+    if not n:
+        return {}
+    correct = int(pairs["correct"].sum()) if not pairs.empty else round(final["rewards/accuracies"] * n)
+    test = binomtest(correct, n, 0.5)
+    ci = test.proportion_ci(0.95)
+    out = {"eval_pairs": n, "eval_correct": correct, "eval_accuracy_p": float(test.pvalue),
+           "eval_accuracy_ci_low": float(ci.low), "eval_accuracy_ci_high": float(ci.high)}
+    if not pairs.empty:
+        margin_ci = bootstrap_ci(pairs["margin"], seed, n=n_boot) or [None, None]
+        out.update(eval_margin_ci_low=margin_ci[0], eval_margin_ci_high=margin_ci[1])
+    effects = (["accuracy"] if out["eval_accuracy_p"] < alpha else []) + (
+        ["margin"] if out.get("eval_margin_ci_low") is not None and (out["eval_margin_ci_low"] > 0 or
+                                                                     out["eval_margin_ci_high"] < 0) else [])
+    out["significant"] = "+".join(effects) or "no"
+    return out
+
+
+def paired_differences(runs: list[Run], seed: int, n_boot: int) -> pd.DataFrame:
+    """Between DPO runs evaluated on the same held-out pairs: the difference in reward accuracy and in the per-token
+    log-ratio margin (margin / β, comparable across β), each with a paired bootstrap 95% CI over pairs."""
+    dpo = [r for r in runs if r.kind == "dpo" and "correct" in r.pairs and r.beta]
+    rows = []
+    for i, a in enumerate(dpo):
+        for b in dpo[i + 1:]:
+            common = a.pairs.index.intersection(b.pairs.index)
+            if len(common) < 10:
+                continue
+            pa, pb = a.pairs.loc[common], b.pairs.loc[common]
+            d_acc = pa["correct"].astype(float).values - pb["correct"].astype(float).values
+            d_margin = (pa["margin"] / a.beta).values - (pb["margin"] / b.beta).values
+            acc_ci, margin_ci = bootstrap_ci(d_acc, seed, n=n_boot), bootstrap_ci(d_margin, seed, n=n_boot)
+            rows.append({"run_a": a.name, "run_b": b.name, "pairs": len(common),
+                         "accuracy_diff": float(d_acc.mean()), "accuracy_diff_ci_low": acc_ci[0],
+                         "accuracy_diff_ci_high": acc_ci[1], "logratio_margin_diff": float(d_margin.mean()),
+                         "logratio_margin_diff_ci_low": margin_ci[0], "logratio_margin_diff_ci_high": margin_ci[1]})
+    return pd.DataFrame(rows)
+
+
+def effect_statements(table: pd.DataFrame, paired: pd.DataFrame) -> list[str]:
+    """The "read this first" lines about training: which held-out effects are distinguishable from chance."""
+    dpo = table[(table["loss"] != "sft") & table["eval_pairs"].notna()] if "eval_pairs" in table else table.iloc[0:0]
+    if dpo.empty:
+        return []
+    out = []
+    yes = dpo[dpo["significant"] != "no"]
+    no = dpo[dpo["significant"] == "no"]
+    def margin_text(r) -> str:
+        if pd.isna(r.get("eval_margin_ci_low")):
+            return ""
+        return f", margin {r['eval_margin']:+.3f} [{r['eval_margin_ci_low']:+.3f}, {r['eval_margin_ci_high']:+.3f}]"
+    for _, r in yes.iterrows():
+        out.append(f"**{r['run']}: a real DPO effect on {int(r['eval_pairs'])} held-out pairs**: reward accuracy "
+                   f"{r['eval_accuracy']:.3f} [{r['eval_accuracy_ci_low']:.3f}, {r['eval_accuracy_ci_high']:.3f}] "
+                   f"(exact binomial p = {r['eval_accuracy_p']:.2g}){margin_text(r)}; significant at 95%: "
+                   f"{r['significant'].replace('+', ' and ')}.")
+    for _, r in no.iterrows():
+        out.append(f"{r['run']}: not distinguishable from chance on {int(r['eval_pairs'])} held-out pairs (accuracy "
+                   f"{r['eval_accuracy']:.3f}, p = {r['eval_accuracy_p']:.2g}{margin_text(r)}).")
+    if not paired.empty:
+        clear = paired[(paired["accuracy_diff_ci_low"] > 0) | (paired["accuracy_diff_ci_high"] < 0)]
+        if clear.empty:
+            out.append(f"Between β values no accuracy difference is significant (paired bootstrap over the same "
+                       f"{int(paired['pairs'].min())} pairs; differences {paired['accuracy_diff'].min():+.3f} to "
+                       f"{paired['accuracy_diff'].max():+.3f}): the β effect on accuracy is smaller than this eval "
+                       f"can see.")
+        else:
+            out += [f"{r['run_a']} vs {r['run_b']}: accuracy differs by {r['accuracy_diff']:+.3f} "
+                    f"[{r['accuracy_diff_ci_low']:+.3f}, {r['accuracy_diff_ci_high']:+.3f}] (paired)."
+                    for _, r in clear.iterrows()]
+    wr = table[table["win_rate"].notna()] if "win_rate" in table else table.iloc[0:0]
+    if not wr.empty:
+        sig = wr[(wr["win_rate_ci_low"] > 0.5) | (wr["win_rate_ci_high"] < 0.5)]
+        out.append("Win rates against SFT: " + (", ".join(f"{r['run']} {100 * r['win_rate']:.1f}%" for _, r in
+                                                          sig.iterrows()) + " differ from 50% at 95%; "
+                                                 if not sig.empty else "none differs from 50% at 95%; ")
+                   + f"{len(wr) - len(sig)} of {len(wr)} include 50% in their CI.")
+    return out
 
 
 # ---------------------------------------------------------------- stability flags
@@ -375,7 +485,8 @@ def load_generations(sweep: Path, comparisons: dict[str, Comparison], problems: 
         rows = list({r.get("key"): r for r in rows if r["sampling_hash"] == wanted}.values())
         tokens = [r["new_tokens"] for r in rows if isinstance(r.get("new_tokens"), (int, float))]
         found[path.stem] = {"answers": len(rows), "mean_new_tokens": float(np.mean(tokens)) if tokens else None,
-                            "hit_max_tokens": float(np.mean([r.get("finish_reason") == "length" for r in rows]))}
+                            "hit_max_tokens": float(np.mean([r.get("finish_reason") == "length" for r in rows])),
+                            "degenerate": float(np.mean([is_degenerate(str(r.get("response", ""))) for r in rows]))}
     return found
 
 
@@ -413,6 +524,7 @@ def summarise(runs: list[Run], comparisons: dict[str, Comparison], generations: 
                "flags": ", ".join(run.flags) or "", "steps": run.last_step, "max_steps": run.max_steps,
                "eval_loss": final.get("loss"), "eval_accuracy": final.get("rewards/accuracies"),
                "eval_margin": final.get("rewards/margins"), "eval_kl": final.get("kl"), "eval_step": final.get("step")}
+        row.update(significance(run, seed, n_boot))
         row.update(generations.get(run.name, {}))
         c = comparisons.get(run.name)
         if c is not None and not c.pairs.empty:
@@ -435,7 +547,9 @@ def summarise(runs: list[Run], comparisons: dict[str, Comparison], generations: 
                "eval_accuracy", "eval_margin", "eval_kl", "judged", "judge_errors", "judging", "win_rate",
                "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate", "lc_ci_low", "lc_ci_high", "length_coef", "lc_note",
                "bt_score", "bt_ci_low", "bt_ci_high", "first_position_rate", "consistency", "mean_chars_candidate",
-               "mean_chars_baseline", "answers", "mean_new_tokens", "hit_max_tokens"]
+               "mean_chars_baseline", "answers", "mean_new_tokens", "hit_max_tokens",
+               "eval_pairs", "eval_correct", "eval_accuracy_p", "eval_accuracy_ci_low", "eval_accuracy_ci_high",
+               "eval_margin_ci_low", "eval_margin_ci_high", "significant", "degenerate"]
     return pd.DataFrame(rows).reindex(columns=columns), ranking
 
 
@@ -476,14 +590,23 @@ def markdown_table(table: pd.DataFrame) -> str:
         f = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.0f}")
         return f"{f(row[point])} [{f(row[lo])}, {f(row[hi])}]" if pd.notna(row.get(lo)) else f(row[point])
 
-    head = ["run", "loss", "β", "seed", "status", "flags", "steps", "eval loss", "eval acc", "eval margin", "eval KL",
+    def with_ci(row, point, lo, hi, digits):
+        if pd.isna(row.get(point)):
+            return "–"
+        return fmt(row[point], digits) + (f" [{fmt(row[lo], digits)}, {fmt(row[hi], digits)}]" if pd.notna(row.get(lo))
+                                          else "")
+
+    head = ["run", "loss", "β", "seed", "status", "flags", "steps", "eval loss", "eval acc [95% CI]", "p (acc = 0.5)",
+            "eval margin [95% CI]", "eval KL",
             "win rate % [95% CI]", "LC win rate % [95% CI]", "BT score [95% CI]", "judged"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
         steps = f"{r['steps']}/{int(r['max_steps'])}" if pd.notna(r["max_steps"]) else str(r["steps"])
         cells = [r["run"], r["loss"], fmt(r["beta"], 3) if pd.notna(r["beta"]) else "–",
                  str(int(r["seed"])) if pd.notna(r["seed"]) else "–", r["status"], r["flags"] or "–", steps,
-                 fmt(r["eval_loss"], 4), fmt(r["eval_accuracy"], 3), fmt(r["eval_margin"], 4), fmt(r["eval_kl"], 3),
+                 fmt(r["eval_loss"], 4), with_ci(r, "eval_accuracy", "eval_accuracy_ci_low", "eval_accuracy_ci_high", 3),
+                 f"{r['eval_accuracy_p']:.2g}" if pd.notna(r.get("eval_accuracy_p")) else "–",
+                 with_ci(r, "eval_margin", "eval_margin_ci_low", "eval_margin_ci_high", 4), fmt(r["eval_kl"], 3),
                  ci(r, "win_rate", "win_rate_ci_low", "win_rate_ci_high"),
                  ci(r, "lc_win_rate", "lc_ci_low", "lc_ci_high"),
                  ci(r, "bt_score", "bt_ci_low", "bt_ci_high", pct=False),
@@ -652,7 +775,11 @@ def final_vs_beta_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[
         for loss_i, (loss, group) in enumerate(dpo.groupby("loss")):
             means = group.groupby("beta")[column].mean()
             ax.plot(means.index, means.values, LINESTYLES[loss_i % 4], color="grey", linewidth=0.8)
-        _points_vs_beta(ax, dpo, column, styles, colours)
+        low, high = f"{column}_ci_low", f"{column}_ci_high"  # 95% CIs where eval_pairs.jsonl gave them
+        if low in dpo and dpo[low].notna().any():
+            _points_vs_beta(ax, dpo, column, styles, colours, low, high)
+        else:
+            _points_vs_beta(ax, dpo, column, styles, colours)
         if column == "eval_accuracy":
             ax.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
         beta_axis(ax, dpo["beta"])
@@ -850,7 +977,8 @@ def judge_warnings(table: pd.DataFrame, calibration: dict | None, comparisons: d
 CAPTIONS = {
     "curves_train": "Train metrics per optimizer step, one line per β (mean over seeds, band min–max).",
     "curves_eval": "Held-out eval metrics at each evaluation, one line per β.",
-    "final_vs_beta": "Final held-out reward accuracy, reward margin and KL estimate against β; one point per run.",
+    "final_vs_beta": "Final held-out reward accuracy (Clopper-Pearson 95% CI; dotted line: chance), reward margin "
+                     "(bootstrap 95% CI) and KL estimate against β; one point per run.",
     "win_rate_vs_beta": "Win rate of each DPO run against SFT (left) and its length-controlled win rate (right), "
                         "with 95% bootstrap CIs; marker shape = loss type, seeds side by side.",
     "kl_win_rate_frontier": "KL from the reference against win rate: each run a point; up and to the left is better.",
@@ -860,7 +988,8 @@ CAPTIONS = {
 
 
 def write_report(out: Path, sweep: Path, runs, comparisons, generations, table, ranking, best, calibration, figures,
-                 problems: list[str], argv) -> Path:
+                 problems: list[str], argv, paired: pd.DataFrame | None = None) -> Path:
+    paired = pd.DataFrame() if paired is None else paired
     lines = [f"# Sweep `{sweep.name}`", "",
              f"Generated by `python analyze_sweep.py {' '.join(argv)}` on "
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from `{sweep}`. Everything below is computed from the "
@@ -875,13 +1004,23 @@ def write_report(out: Path, sweep: Path, runs, comparisons, generations, table, 
     if generations:
         lines += [f"- no answers yet from **{r.name}** (`generations/{r.name}.jsonl`)" for r in runs
                   if r.name not in generations and r.status == "completed"]
-    warned = judge_warnings(table, calibration, comparisons)
+    warned = effect_statements(table, paired) + judge_warnings(table, calibration, comparisons)
     if warned:
         lines += ["", "## Read this first", ""] + [f"- {w}" for w in warned]
     lines += ["", "## Results", "", markdown_table(table), "", "Win rates count ties as ½; judge errors are counted "
               "in *judged* and left out of the rate. CIs: percentile bootstrap over pairs."]
     lines += [f"LC win rate of {r['run']}: {r['lc_note']}." for _, r in table.iterrows()
               if isinstance(r.get("lc_note"), str) and r["lc_note"] and "not identifiable" in r["lc_note"]]
+    lines += ["", "Eval acc: held-out reward accuracy [Clopper-Pearson 95% CI] and the two-sided exact binomial p "
+              "against 0.5; eval margin [percentile bootstrap 95% CI over the held-out pairs of eval_pairs.jsonl]."]
+    if not paired.empty:
+        lines += ["", "### Paired differences between runs (same held-out pairs)", "",
+                  "| run A | run B | pairs | accuracy A − B [95% CI] | log-ratio margin A − B [95% CI] |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r.run_a} | {r.run_b} | {r.pairs} | {r.accuracy_diff:+.3f} [{r.accuracy_diff_ci_low:+.3f}, "
+                  f"{r.accuracy_diff_ci_high:+.3f}] | {r.logratio_margin_diff:+.3f} [{r.logratio_margin_diff_ci_low:+.3f}, "
+                  f"{r.logratio_margin_diff_ci_high:+.3f}] |" for r in paired.itertuples()]
+        lines += ["", "Log-ratio margin = reward margin / β (nats): comparable across β. CIs: paired bootstrap over pairs."]
     lines += ["",
               "### Best run per criterion", "", best_markdown(best)]
     if not ranking.empty:
@@ -896,9 +1035,15 @@ def write_report(out: Path, sweep: Path, runs, comparisons, generations, table, 
                   "|---|" + "---|" * len(pivot.columns)]
         lines += [f"| {run} | " + " | ".join(f"{100 * v:.1f}" for v in row) + " |" for run, row in pivot.iterrows()]
     if generations:
-        lines += ["", "### Answers", "", "| model | answers | mean new tokens | cut at max_new_tokens |", "|---|---|---|---|"]
-        lines += [f"| {name} | {g['answers']} | {fmt(g['mean_new_tokens'], 1)} | {100 * g['hit_max_tokens']:.0f}% |"
-                  for name, g in sorted(generations.items(), key=lambda kv: kv[0] != "sft")]
+        lines += ["", "### Answers", "", "| model | answers | mean new tokens | cut at max_new_tokens | degenerate |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {name} | {g['answers']} | {fmt(g['mean_new_tokens'], 1)} | {100 * g['hit_max_tokens']:.0f}% | "
+                  f"{100 * g.get('degenerate', float('nan')):.0f}% |"
+                  for name, g in sorted(generations.items(), key=lambda kv: (kv[0] != "base", kv[0] != "sft", kv[0]))]
+        lines += ["", f"*degenerate*: the answer repeats itself (fewer than {DEGENERATE_BELOW:.0%} of its word 3-grams "
+                  f"distinct). *base*: the model SFT started from, answering the same prompts (not judged)."
+                  if "base" in generations else f"*degenerate*: the answer repeats itself (fewer than "
+                  f"{DEGENERATE_BELOW:.0%} of its word 3-grams distinct)."]
     flagged = [r for r in runs if r.flags]
     if flagged:
         lines += ["", "### Stability flags", ""]
@@ -991,6 +1136,7 @@ def analyse(args, argv: list[str]) -> int:
         calibration = None
     generations = load_generations(sweep, comparisons, problems)
     table, ranking = summarise(runs, comparisons, generations, args.seed, args.bootstrap)
+    paired = paired_differences(runs, args.seed, args.bootstrap)
     best = best_runs(table)
 
     def say(message: str) -> None:
@@ -1014,6 +1160,8 @@ def analyse(args, argv: list[str]) -> int:
     table.to_csv(out / "summary.csv", index=False)
     if not ranking.empty:
         ranking.to_csv(out / "bradley_terry.csv", index=False)
+    if not paired.empty:
+        paired.to_csv(out / "paired_differences.csv", index=False)
     (out / "summary.md").write_text(markdown_table(table) + "\n\n## Best run per criterion\n\n" + best_markdown(best) + "\n")
     colours = beta_colours(runs)
     plt.rcParams.update(FIGURE_STYLE)
@@ -1025,7 +1173,9 @@ def analyse(args, argv: list[str]) -> int:
     figures += frontier_figure(table, colours, out / "figures")
     figures += judge_figure(table, calibration, out / "figures")
     report = write_report(out, sweep, runs, comparisons, generations, table, ranking, best, calibration, figures,
-                          problems, argv)
+                          problems, argv, paired)
+    for line in effect_statements(table, paired):
+        say("  " + line.replace("**", ""))
     for _, r in table.iterrows():
         if pd.notna(r["win_rate"]):
             lc = f"{100 * r['lc_win_rate']:.1f}%" if pd.notna(r["lc_win_rate"]) else "n/a"

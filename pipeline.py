@@ -34,6 +34,7 @@ from pathlib import Path
 from config import UserInputError
 from jsonl import read_jsonl
 from models import DEFAULT_MODEL_DIR, TINY_ARCHS, is_local, prepare_default_model, save_tiny_model
+from progress import PREFIX as PROGRESS
 from slurm import stages as st
 from slurm.jobs import ANALYSIS_MARKER
 from slurm.launch import launch
@@ -245,14 +246,53 @@ def check_upstream(stages: list[str], snap: Snapshot, executor: str) -> None:
                              f"`python pipeline.py --config {snap.sweep_file} --stage {before}`, or leave out --stage")
 
 
+class LogRelay:
+    """The newest "[progress]" line (progress.py) of each job log written since the pipeline started: the jobs'
+    reference passes, evals, generation and judging report there, locally and on Slurm alike."""
+
+    def __init__(self, folder: Path, since: float):
+        self.folder, self.since, self.offsets = folder, since - 5, {}
+
+    def lines(self) -> list[str]:
+        new = []
+        for path in sorted(self.folder.glob("*_log.err")) if self.folder.is_dir() else []:
+            try:
+                size, mtime = path.stat().st_size, path.stat().st_mtime
+            except OSError:
+                continue
+            offset = self.offsets.get(path, 0)
+            if mtime < self.since or size <= offset:
+                continue
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                chunk = fh.read(size - offset)
+            end = chunk.rfind(b"\n")
+            if end < 0:
+                continue
+            self.offsets[path] = offset + end + 1
+            found = [line[line.index(PROGRESS):] for line in chunk[:end].decode(errors="replace").splitlines()
+                     if PROGRESS in line]
+            new += found[-1:]
+        return new
+
+
 def follow(sweep: Sweep, sweep_file: str, started: float, every_s: float, until,
-           finished: threading.Event | None = None) -> Snapshot | None:
-    """Print the progress line whenever it changes (checking every `every_s` seconds, or at once when `finished` is
-    set) until until(snapshot)."""
+           finished: threading.Event | None = None, done_at: dict | None = None) -> Snapshot | None:
+    """Print the progress line whenever it changes and the jobs' own progress lines as they come (checking every
+    `every_s` seconds, or at once when `finished` is set) until until(snapshot). done_at gets the time each stage
+    that was not finished at the start was first seen finished."""
     last, snap, finished = None, None, finished or threading.Event()
+    relay, unfinished = None, None
     while True:
         snap = snapshot(sweep, sweep_file) or snap
         if snap is not None:
+            relay = relay or LogRelay(snap.out / "submitit", started)
+            unfinished = unfinished if unfinished is not None else {s for s in STAGES if snap.state(s) != "completed"}
+            for stage in unfinished:
+                if done_at is not None and stage not in done_at and snap.state(stage) == "completed":
+                    done_at[stage] = time.time()
+            for line in relay.lines():
+                say(line)
             line = snap.line()
             if line != last:
                 say(f"+{elapsed(time.time() - started)} {line}")
@@ -292,9 +332,17 @@ def run_local(args, sweep: Sweep, stages: list[str], started: float) -> dict[str
     return results
 
 
-def summary(snap: Snapshot, stages: list[str], results: dict, started: float) -> int:
-    rows = [{"stage": s, "state": snap.state(s), "this run": elapsed(results[s][1]) if s in results else "-",
-             "detail": snap.cell(s)} for s in stages]
+def summary(snap: Snapshot, stages: list[str], results: dict, started: float, done_at: dict | None = None) -> int:
+    """The stage table: "this run" is each stage's own time (local), or on Slurm the time from the previous stage's
+    end (or the start) to its end as this command saw it, queueing included."""
+    rows, previous = [], started
+    for s in stages:
+        took = "-"
+        if s in results:
+            took = elapsed(results[s][1])
+        elif done_at and s in done_at:
+            took, previous = f"{elapsed(done_at[s] - previous)} (wall)", done_at[s]
+        rows.append({"stage": s, "state": snap.state(s), "this run": took, "detail": snap.cell(s)})
     st.print_table(rows, {k: k for k in rows[0]})
     for t in snap.judging:
         if t.state == "completed":
@@ -373,13 +421,15 @@ def main(argv=None) -> int:
                 f"pipeline.py --config {args.config} (it submits nothing twice), or --status")
             return 0
         say("following the jobs (Ctrl-C stops following; the jobs go on)")
+        done_at = {s: started + results[s][1] for s in results if s == "prepare"}
         try:
             snap = follow(sweep, args.config, started, args.progress_s,
-                          lambda s: not any(i.state == "active" for st in todo if st != "prepare" for i in s.items(st)))
+                          lambda s: not any(i.state == "active" for st in todo if st != "prepare" for i in s.items(st)),
+                          done_at=done_at)
         except KeyboardInterrupt:
             say(f"stopped following; the jobs go on. Again: python pipeline.py --config {args.config}")
             return 130
-        return summary(snap, stages, {}, started)
+        return summary(snap, stages, {s: results[s] for s in results if s == "prepare"}, started, done_at)
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -163,3 +163,20 @@ def bradley_terry(battles: pd.DataFrame, anchor: str, seed: int = 0, n_boot: int
     table += [{"model": p, "score": float(point[i]), "ci_low": float(lo[i]), "ci_high": float(hi[i]),
                "battles": int(counts.get(p, 0))} for p, i in index.items()]
     return pd.DataFrame(table).sort_values("score", ascending=False).reset_index(drop=True)
+
+
+def distinct_ngram_ratio(text: str, n: int = 3) -> float | None:
+    """Share of an answer's word n-grams that are distinct: ~0.95 for prose, near 0 for an answer that loops
+    ("The F Word:\n\n" twenty times). None for answers too short to tell (fewer than 4n words)."""
+    words = text.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if len(words) >= 4 * n else None
+
+
+DEGENERATE_BELOW = 0.5
+"""An answer is degenerate (it repeats itself) when fewer than half of its word 3-grams are distinct."""
+
+
+def is_degenerate(text: str) -> bool:
+    ratio = distinct_ngram_ratio(text)
+    return ratio is not None and ratio < DEGENERATE_BELOW

@@ -113,6 +113,9 @@ class GenerateStage(GenerateArgs):
     prompts: list[str] = field(default_factory=lambda: ["heldout"])
     """generate.py --prompts for every model: heldout (the pairs the sweep's runs held out), mt_bench, alpaca_eval, a
     .jsonl file."""
+    base: bool = False
+    """Also answer with the model SFT started from (generations/base.jsonl; not judged): the report's answer table
+    then shows what SFT changed (length, answers cut at max_new_tokens, degenerate answers)."""
     args: list[str] = field(default_factory=list)
     """Further generate.py flags as on its command line, e.g. [--turns, both, --dtype, bfloat16]."""
     slurm: dict[str, typing.Any] = field(default_factory=dict)

@@ -293,7 +293,8 @@ class Training(Stage):
 
 
 class Generation(Stage):
-    """generate.py for the SFT model and every DPO run's final/, into <sweep>/generations/<name>.jsonl."""
+    """generate.py for the SFT model and every DPO run's final/ (and with generate.base the model SFT started from),
+    into <sweep>/generations/<name>.jsonl."""
     name = "generate"
 
     def plan(self, plan: Plan) -> list[Target]:
@@ -306,6 +307,9 @@ class Generation(Stage):
                                  f"their answers would not be comparable")
         by_key = {t.key: t for t in plan.targets}
         models = [("sft", sweep.sft.path or str(out / "sft" / "final"), by_key.get("sft"))]
+        sft_jobs = [j for j in plan.jobs if j.kind == "sft"]
+        if sweep.generate.base and sft_jobs:  # the model SFT started from, for the answer table only
+            models.insert(0, ("base", sft_jobs[0].config.model.path, None))
         models += [(t.key, str(out / t.key / "final"), t) for t in plan.targets if t.stage == "dpo"]
         targets = []
         for name, model, trainer in models:
@@ -363,7 +367,7 @@ class Judging(Stage):
         answers = {t.name: t for t in plan.stage("generate")}
         sft = answers["sft"]
         for name, t in answers.items():
-            if name == "sft":
+            if name == "sft" or (name == "base" and sweep.generate.base):  # the base model's answers are not judged
                 continue
             out = folder / f"{name}.jsonl"
             extra = {"calibration": str(summary_path(calibration.out))} if calibration else {}

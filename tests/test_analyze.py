@@ -434,3 +434,51 @@ def test_never_imports_torch_or_vllm(sweep, tmp_path):
     result = analyse_without_torch("--sweep", sweep, "--out", tmp_path / "r", "--bootstrap", "50")
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "r" / "README.md").is_file()
+
+
+def write_eval_pairs(sweep, name, correct, n=200, margin=0.05, step=8, seed=0):
+    """eval_pairs.jsonl as train_dpo.py writes it: `correct` of `n` pairs with chosen reward above rejected, margins
+    drawn around `margin`; an earlier eval's rows (step 4) that the analysis must not read."""
+    rng = np.random.default_rng(seed)
+    with open(sweep / name / "eval_pairs.jsonl", "w") as fh:
+        for s, k in ((4, n // 2), (step, correct)):
+            for i in range(n):
+                m = abs(rng.normal(margin, 0.05)) * (1 if i < k else -1)
+                fh.write(json.dumps({"step": s, "pair_id": f"hh/{i}", "policy_chosen": -10.0, "policy_rejected": -11.0,
+                                     "ref_chosen": -10.1, "ref_rejected": -10.9, "reward_chosen": m / 2,
+                                     "reward_rejected": -m / 2, "margin": m, "correct": bool(m > 0)}) + "\n")
+
+
+def test_significance_from_eval_pairs_and_the_statements_saying_it(tmp_path, capsys):
+    s = tmp_path / "logs" / "sig"
+    write_run(s, "sft", config("sft", loss="sft"), [{"step": 2, "split": "eval", "loss": 1.5}])
+    for name, beta, correct in (("beta0.1_seed0", 0.1, 124), ("beta0.5_seed0", 0.5, 104)):
+        write_run(s, name, config(name, beta), dpo_rows(accuracy=lambda k, c=correct: c / 200), eval_pairs=200)
+        write_eval_pairs(s, name, correct)
+    table = analyse(s, tmp_path / "out")
+    strong, weak = table.loc["beta0.1_seed0"], table.loc["beta0.5_seed0"]
+    assert (strong["eval_pairs"], strong["eval_correct"]) == (200, 124)  # the last eval's rows, not step 4's
+    assert strong["eval_accuracy_p"] == pytest.approx(2 * binom_tail(124, 200), rel=1e-9)  # two-sided, exact
+    assert 0.5 < strong["eval_accuracy_ci_low"] < 0.62 < strong["eval_accuracy_ci_high"] < 0.7  # two-sided
+    assert strong["significant"] == "accuracy+margin"
+    assert weak["eval_accuracy_p"] > 0.05 and weak["eval_accuracy_ci_low"] < 0.5
+    report = (tmp_path / "out" / "README.md").read_text()
+    first = report.split("## Read this first")[1].split("## Results")[0]
+    assert "beta0.1_seed0: a real DPO effect on 200 held-out pairs" in first
+    assert "beta0.5_seed0: not distinguishable from chance on 200 held-out pairs" in first
+    paired = pd.read_csv(tmp_path / "out" / "paired_differences.csv").iloc[0]
+    assert paired["pairs"] == 200 and paired["accuracy_diff"] == pytest.approx((124 - 104) / 200)
+    assert paired["accuracy_diff_ci_low"] > 0  # 20 more right of the same 200 pairs, every one of them a ~ +0.1 shift
+    assert "a real DPO effect" in capsys.readouterr().out
+
+
+def binom_tail(k, n):
+    """P(X >= k) for X ~ Binomial(n, 1/2), by hand."""
+    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n
+
+
+def test_degenerate_answers_are_the_ones_that_loop():
+    assert stats.is_degenerate("The F Word:\n\n" * 20)
+    assert not stats.is_degenerate("I can't help with that, but here is what the law says about it in most places, "
+                                    "and where you can read more about your rights as a tenant.")
+    assert not stats.is_degenerate("Yes.")  # too short to tell

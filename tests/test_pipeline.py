@@ -92,9 +92,13 @@ def test_plan_prints_the_memory_of_every_training_job_and_runs_nothing(tmp_path)
 @pytest.fixture(scope="module")
 def local_loop(tmp_path_factory):
     """What `make demo` does where no Slurm answers, on the tiny sweep: the stages one after another in a worker
-    thread while the main thread prints progress, the report at the end. (root, pipeline output)."""
+    thread while the main thread prints progress (the jobs' own progress lines every 0.2 s here, instead of every
+    20 s), the report at the end. (root, pipeline output)."""
     root = tmp_path_factory.mktemp("local")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DPO_PROGRESS_S", "0.2")  # the local jobs inherit it
     first = run("--config", SWEEP, f"root={root}", f"report={root}/report", "--executor", "local", "--progress-s", "2")
+    mp.undo()
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     yield root, first.stdout
     shutil.rmtree(root, ignore_errors=True)
@@ -106,6 +110,11 @@ def test_the_whole_loop_on_local_processes_then_a_second_run_that_skips_everythi
     for stage in pipeline.STAGES[1:]:
         assert f"stage {stage}" in output
     assert any("dpo 0/2 (beta" in line for line in output.splitlines()), "progress while the runs train"
+    relayed = [line for line in output.splitlines() if "[progress]" in line]  # from the jobs' logs
+    for what in ("reference log-probs: ", "dpo train beta0.1_seed0: ", "generate sft: ", "judge "):
+        assert any(what in line for line in relayed), (what, relayed)
+    table = output[output.rindex("stage "):]
+    assert "this run" in table and all(f"{stage} " in table for stage in pipeline.STAGES)
     assert "every stage finished" in output
     report = root / "report" / "README.md"
     written, record = report.stat().st_mtime_ns, (root / "sweep_tiny" / "sweep.json").read_text()

@@ -61,7 +61,7 @@ def test_every_sweep_config_loads_and_expands(path, tmp_path):
     assert all(t.config.model.path == str(loaded.folder / "sft" / "final") for t in runs)
     assert [t.key for t in plan.stage("reference")] == ["reference-0"]
     targets = plan.stage("generate")  # GenerateArgs checks the arguments, as generate.py's command line does
-    assert [t.name for t in targets] == ["sft", *(t.key for t in runs)]
+    assert [t.name for t in targets] == ["base"] * loaded.generate.base + ["sft", *(t.key for t in runs)]
     assert all(t.out == loaded.folder / "generations" / f"{t.name}.jsonl" for t in targets)
     judging = plan.stage("judge")  # and JudgeArgs the judge's
     assert [t.name for t in judging] == ["calibration", *(t.key for t in runs)]

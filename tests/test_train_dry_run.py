@@ -23,7 +23,7 @@ def test_default_config_dry_run():
 def test_default_config_as_shipped():
     result = run("--config", "configs/default.yaml", "--dry-run")
     assert result.returncode == 0, result.stderr
-    assert "pairs kept: 192" in result.stdout and "train 168, eval 24" in result.stdout
+    assert "pairs kept: 400" in result.stdout and "train 200, eval 200" in result.stdout  # >= 200 held out
 
 
 def test_dry_run_with_overrides_changes_the_split():
