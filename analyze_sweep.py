@@ -247,7 +247,7 @@ def significance(run: Run, seed: int, n_boot: int, alpha: float = 0.05) -> dict:
     out = {"eval_pairs": n, "eval_correct": correct, "eval_accuracy_p": float(test.pvalue),
            "eval_accuracy_ci_low": float(ci.low), "eval_accuracy_ci_high": float(ci.high)}
     if not pairs.empty:
-        margin_ci = bootstrap_ci(pairs["margin"], seed, n=n_boot) or [None, None]
+        margin_ci = bootstrap_ci(pairs["margin"].dropna(), seed, n=n_boot) or [None, None]
         out.update(eval_margin_ci_low=margin_ci[0], eval_margin_ci_high=margin_ci[1])
     effects = (["accuracy"] if out["eval_accuracy_p"] < alpha else []) + (
         ["margin"] if out.get("eval_margin_ci_low") is not None and (out["eval_margin_ci_low"] > 0 or
@@ -257,13 +257,16 @@ def significance(run: Run, seed: int, n_boot: int, alpha: float = 0.05) -> dict:
 
 
 def paired_differences(runs: list[Run], seed: int, n_boot: int) -> pd.DataFrame:
-    """Between DPO runs evaluated on the same held-out pairs: the difference in reward accuracy and in the per-token
-    log-ratio margin (margin / β, comparable across β), each with a paired bootstrap 95% CI over pairs."""
+    """Between DPO runs of one loss type and seed (so: between β) evaluated on the same held-out pairs: the
+    difference in reward accuracy and in the log-ratio margin (margin / β, comparable across β for the summed-log-prob
+    losses), each with a paired bootstrap 95% CI over pairs (no correction for the number of comparisons)."""
     dpo = [r for r in runs if r.kind == "dpo" and "correct" in r.pairs and r.beta]
     rows = []
     for i, a in enumerate(dpo):
         for b in dpo[i + 1:]:
-            common = a.pairs.index.intersection(b.pairs.index)
+            if (a.loss_type, a.seed) != (b.loss_type, b.seed):
+                continue
+            common = a.pairs.dropna(subset=["margin"]).index.intersection(b.pairs.dropna(subset=["margin"]).index)
             if len(common) < 10:
                 continue
             pa, pb = a.pairs.loc[common], b.pairs.loc[common]
@@ -300,7 +303,8 @@ def effect_statements(table: pd.DataFrame, paired: pd.DataFrame) -> list[str]:
     if not paired.empty:
         clear = paired[(paired["accuracy_diff_ci_low"] > 0) | (paired["accuracy_diff_ci_high"] < 0)]
         if clear.empty:
-            out.append(f"Between β values no accuracy difference is significant (paired bootstrap over the same "
+            out.append(f"Between β values (same loss type and seed) no accuracy difference is significant (paired "
+                       f"bootstrap over the same "
                        f"{int(paired['pairs'].min())} pairs; differences {paired['accuracy_diff'].min():+.3f} to "
                        f"{paired['accuracy_diff'].max():+.3f}): the β effect on accuracy is smaller than this eval "
                        f"can see.")
@@ -308,7 +312,11 @@ def effect_statements(table: pd.DataFrame, paired: pd.DataFrame) -> list[str]:
             out += [f"{r['run_a']} vs {r['run_b']}: accuracy differs by {r['accuracy_diff']:+.3f} "
                     f"[{r['accuracy_diff_ci_low']:+.3f}, {r['accuracy_diff_ci_high']:+.3f}] (paired)."
                     for _, r in clear.iterrows()]
-    wr = table[table["win_rate"].notna()] if "win_rate" in table else table.iloc[0:0]
+        moved = paired[(paired["logratio_margin_diff_ci_low"] > 0) | (paired["logratio_margin_diff_ci_high"] < 0)]
+        out += [f"β moves the margin: {r['run_a']} vs {r['run_b']} differ in log-ratio margin (margin / β) by "
+                f"{r['logratio_margin_diff']:+.3f} [{r['logratio_margin_diff_ci_low']:+.3f}, "
+                f"{r['logratio_margin_diff_ci_high']:+.3f}] nats (paired)." for _, r in moved.iterrows()]
+    wr = table[table["win_rate"].notna() & table["win_rate_ci_low"].notna()] if "win_rate" in table else table.iloc[0:0]
     if not wr.empty:
         sig = wr[(wr["win_rate_ci_low"] > 0.5) | (wr["win_rate_ci_high"] < 0.5)]
         out.append("Win rates against SFT: " + (", ".join(f"{r['run']} {100 * r['win_rate']:.1f}%" for _, r in

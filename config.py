@@ -193,7 +193,7 @@ class TrainConfig:
     max_eval_pairs: int = 0
     """Evaluate on at most N held-out pairs (0 = all)."""
     save_every: int = 0
-    """Write a resumable checkpoint every N steps (0 = only the final one)."""
+    """Write a resumable checkpoint every N steps (0 = none but the one a stop signal writes)."""
     keep_checkpoints: int = 1
     """How many of the newest checkpoints to keep."""
     save_final_state: bool = False

@@ -174,12 +174,14 @@ def start_vllm(weights: str, tokenizer: str, args: EngineArgs, seed: int, max_mo
     line naming the way out. One model per process: vLLM does not reliably free a model's memory for a second one."""
     gpu = on_gpu()
     if not gpu:
-        gib, why = kv_cache_gib(model_config(weights), args.dtype, kv_tokens or max_model_len)
-        cpu_env = {**vllm_cpu_env(), "VLLM_CPU_KVCACHE_SPACE": str(gib)}
+        gib, why = kv_cache_gib(model_config(weights), args.dtype, max(kv_tokens, max_model_len))
+        cpu_env = {"VLLM_CPU_KVCACHE_SPACE": str(gib)}
+        if (args.tensor_parallel_size or 1) == 1:  # with several CPU ranks vLLM wants one |-separated list each
+            cpu_env.update(vllm_cpu_env())
         os.environ.update({k: v for k, v in cpu_env.items() if k not in CALLER_ENV})
         if log:
-            log(f"vLLM on CPU: threads bound to cores {os.environ['VLLM_CPU_OMP_THREADS_BIND']} "
-                f"(VLLM_CPU_NUM_OF_RESERVED_CPU={os.environ['VLLM_CPU_NUM_OF_RESERVED_CPU']}); "
+            log(f"vLLM on CPU: threads bound to cores {os.environ.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')} "
+                f"(VLLM_CPU_NUM_OF_RESERVED_CPU={os.environ.get('VLLM_CPU_NUM_OF_RESERVED_CPU', 'default')}); "
                 + (why if "VLLM_CPU_KVCACHE_SPACE" not in CALLER_ENV
                    else f"KV cache {CALLER_ENV['VLLM_CPU_KVCACHE_SPACE']} GiB (VLLM_CPU_KVCACHE_SPACE as set)"))
     from vllm import LLM

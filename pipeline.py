@@ -261,6 +261,8 @@ class LogRelay:
             except OSError:
                 continue
             offset = self.offsets.get(path, 0)
+            if size < offset:  # rewritten (a requeued job): read it from the start
+                offset = 0
             if mtime < self.since or size <= offset:
                 continue
             with open(path, "rb") as fh:
@@ -339,7 +341,7 @@ def summary(snap: Snapshot, stages: list[str], results: dict, started: float, do
     for s in stages:
         took = "-"
         if s in results:
-            took = elapsed(results[s][1])
+            took, previous = elapsed(results[s][1]), max(previous, started + results[s][1])
         elif done_at and s in done_at:
             took, previous = f"{elapsed(done_at[s] - previous)} (wall)", done_at[s]
         rows.append({"stage": s, "state": snap.state(s), "this run": took, "detail": snap.cell(s)})

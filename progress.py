@@ -28,19 +28,27 @@ def clock(seconds: float) -> str:
 
 def default_every_s() -> float:
     try:
-        return float(os.environ.get("DPO_PROGRESS_S", "20"))
+        return max(0.05, float(os.environ.get("DPO_PROGRESS_S", "20")))
     except ValueError:
         return 20.0
+
+
+_WRITE = threading.Lock()  # one whole line at a time, whichever thread prints
+
+
+def _to_stderr(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 class Progress:
     def __init__(self, label: str, total: int, unit: str = "items", every_s: float | None = None, done: int = 0,
                  log=None, enabled: bool = True):
         self.label, self.total, self.unit = label, total, unit
-        self.every_s = default_every_s() if every_s is None else every_s
+        self.every_s = default_every_s() if every_s is None else max(0.05, every_s)
         self.done, self.start_done, self.tokens, self.note = done, done, 0, ""
         self.started = time.time()
-        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.log = log or _to_stderr
         self.enabled = enabled and total > 0
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._last_print = self.started
@@ -60,13 +68,11 @@ class Progress:
             self.done += n
             self.tokens += tokens
             self.note = note or self.note
-            due = time.time() - self._last_print >= self.every_s
-        if due:
-            self.print()
+        self._print_if_due()
 
     def line(self) -> str:
         with self._lock:
-            done, tokens, note = self.done, self.tokens, self.note
+            done, tokens, note = min(self.done, self.total), self.tokens, self.note
         spent = time.time() - self.started
         parts = [f"{done}/{self.total} {self.unit} ({100 * done / self.total:.0f}%)"]
         new = done - self.start_done
@@ -87,14 +93,23 @@ class Progress:
             return
         with self._lock:
             self._last_print = time.time()
-        self.log(self.line())
+        line = self.line()
+        with _WRITE:
+            self.log(line)
+
+    def _print_if_due(self) -> None:
+        with self._lock:  # decided and claimed at once: the heartbeat and update() never both print
+            due = time.time() - self._last_print >= self.every_s
+            if due:
+                self._last_print = time.time()
+        if due and self.enabled:
+            line = self.line()
+            with _WRITE:
+                self.log(line)
 
     def _beat(self) -> None:
         while not self._stop.wait(min(1.0, self.every_s)):
-            with self._lock:
-                due = time.time() - self._last_print >= self.every_s
-            if due:
-                self.print()
+            self._print_if_due()
 
     def close(self, print_final: bool = True) -> None:
         self._stop.set()

@@ -400,8 +400,14 @@ def lr_lambda(cfg: Config):
 
 def make_accelerator(cfg: Config):
     """The Accelerator, in train.mixed_precision; auto is resolved here, on the machine that runs (host.py):
-    config.yaml keeps "auto", the reference cache key and run.json the precision used (accelerator.mixed_precision)."""
-    precision, why = resolve_mixed_precision(cfg.train.mixed_precision)
+    config.yaml keeps "auto", the reference cache key and run.json the precision used (accelerator.mixed_precision),
+    and a resumed run keeps what its run.json says auto became, on whatever node it resumes."""
+    previous = Path(cfg.output_dir) / "run.json"
+    try:
+        pinned = json.loads(previous.read_text()).get("mixed_precision") if previous.is_file() else None
+    except (OSError, ValueError):
+        pinned = None
+    precision, why = resolve_mixed_precision(cfg.train.mixed_precision, pinned)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     # On CPU, launched processes need gloo; without it DeepSpeed ranks each believe they are rank 0.
     handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
@@ -575,6 +581,7 @@ def train(cfg: Config, log=print) -> dict:
                         last_checkpoint=str(find_checkpoint(out_dir) or ""))
         raise
     finally:
+        bar.close(print_final=False)  # whatever ended the loop, the heartbeat stops here
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         teardown(run)

@@ -2,6 +2,7 @@
 on SmolLM2 (two engine starts per session: the model, then a LoRA adapter). Prompt sets from ../shared/data."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -125,6 +126,11 @@ def test_bad_command_lines_are_clear_errors(tmp_path, tiny_dir):
     assert result.returncode == 2 and "--n > 1 with --temperature 0" in result.stderr
     result = gen("--model", tmp_path / "missing", "--prompts", "mt_bench", "--out", tmp_path / "o.jsonl")
     assert result.returncode == 2 and "missing" in result.stderr and "Traceback" not in result.stderr
+    if generate.vllm_available() and not generate.on_gpu():  # vLLM-CPU's seeded sampling crashes its worker
+        result = gen("--model", tiny_dir, "--prompts", "mt_bench", "--limit", "1", "--out", tmp_path / "s.jsonl",
+                     "--engine", "vllm", "--temperature", "0.7")
+        assert result.returncode == 2 and "cannot seed per-answer sampling" in result.stderr
+        assert not (tmp_path / "s.jsonl").exists() or not (tmp_path / "s.jsonl").read_text()
     result = gen("--model", "gpt2", "--prompts", "mt_bench", "--out", tmp_path / "o.jsonl")
     assert result.returncode == 2 and "not a local folder" in result.stderr and "Traceback" not in result.stderr
     result = gen("--model", tiny_dir, "--prompts", "nope", "--out", tmp_path / "o.jsonl")
@@ -328,9 +334,11 @@ def test_vllm_rows_match_the_hf_rows(vllm_runs, tokenizer):
     assert agreement(tokenizer, vllm_rows, hf_rows) >= VLLM_PROMPTS * 3 // 4, "greedy vLLM and HF agree"
     assert "starting the vllm engine" in logs["vllm_base"]
     # every core this job owns goes to vLLM's worker (it reserves one for its scheduler otherwise)
-    cores = host.cpu_ranges(sorted(os.sched_getaffinity(0)))
+    cores = host.cpu_ranges(host.one_per_core(sorted(os.sched_getaffinity(0))))
     assert f"threads bound to cores {cores} (VLLM_CPU_NUM_OF_RESERVED_CPU=0)" in logs["vllm_base"]
-    assert "KV cache 1 GiB: " in logs["vllm_base"]  # sized for 8 prompts x 16 tokens, not the machine
+    # sized for the batch, at least one max_model_len (2048) sequence, which vLLM needs to start
+    kv = re.search(r"KV cache (\d+) GiB: (\d+) tokens at once", logs["vllm_base"])
+    assert kv and int(kv[2]) == 2048 and int(kv[1]) == 1
 
 
 @pytest.mark.vllm
@@ -344,3 +352,20 @@ def test_a_lora_checkpoint_generates_through_the_adapter_and_the_merged_copy(vll
     assert agreement(tokenizer, rows["hf_adapter"], rows["hf_merged"]) >= VLLM_PROMPTS * 3 // 4
     changed = VLLM_PROMPTS - agreement(tokenizer, rows["vllm_adapter"], rows["vllm_base"], n=16)
     assert changed >= 2, "the adapter was applied: answers differ from the base model's"
+
+
+def test_a_slow_generation_prints_progress_lines_with_rate_and_eta(tmp_path, tiny_dir, monkeypatch, capsys):
+    """Every batch slowed to 0.3 s, a line due every 0.1 s: lines come during the run, with answers/s and an ETA."""
+    monkeypatch.setenv("DPO_PROGRESS_S", "0.1")
+    original = generate.answer
+
+    def slow(engine, batch, args, **kw):
+        time.sleep(0.3)
+        return original(engine, batch, args, **kw)
+    monkeypatch.setattr(generate, "answer", slow)
+    args = generate.parse_args(["--model", str(tiny_dir), "--prompts", "mt_bench", "--limit", "4", "--batch-size", "1",
+                                "--out", str(tmp_path / "o.jsonl"), "--engine", "hf", "--max-new-tokens", "4"])
+    generate.run(args, log=lambda *_: None)
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("[progress] generate ")]
+    assert any("answers/s" in l and "ETA" in l for l in lines), lines
+    assert "4/4 answers (100%)" in lines[-1]

@@ -47,15 +47,26 @@ def test_explicit_values_are_kept(cpu):
 
 def test_real_flags_come_from_proc_cpuinfo(monkeypatch):
     monkeypatch.delenv(host.FAKE_FLAGS_ENV, raising=False)
-    flags = host.cpu_flags()
-    assert flags and ("avx2" in flags or "neon" in flags or "asimd" in flags)  # this machine's own
-    assert host.native_bf16() == (host.cpu_bf16_flag() is not None) or host.on_cuda()
+    line = next(l for l in open("/proc/cpuinfo") if l.startswith("flags"))  # this machine's own, read here
+    assert host.cpu_flags() == set(line.split(":", 1)[1].split())
+    assert (host.cpu_bf16_flag() is not None) == any(f" {f}" in line for f in ("avx512_bf16", "amx_bf16"))
+    assert "FAKED" not in host.describe()
+
+
+def test_a_resumed_run_keeps_what_auto_became_when_it_started(cpu):
+    cpu("avx512f avx512_bf16")  # FAKED: this node has bf16, the one the run started on did not
+    assert host.resolve_mixed_precision("auto", pinned="no")[0] == "no"
+    assert host.resolve_mixed_precision("auto", pinned=None)[0] == "bf16"
+    assert host.resolve_mixed_precision("bf16", pinned="no")[0] == "bf16"  # an explicit value is the config's
 
 
 def test_vllm_gets_every_core_the_job_owns():
     assert host.cpu_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
     assert host.vllm_cpu_env([0, 1]) == {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
-    assert host.vllm_cpu_env()["VLLM_CPU_OMP_THREADS_BIND"] == host.cpu_ranges(sorted(os.sched_getaffinity(0)))
+    bound = host.vllm_cpu_env()["VLLM_CPU_OMP_THREADS_BIND"]  # this process's own affinity, one CPU per core
+    cpus = [int(c) for part in bound.split(",") for c in (range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1))]
+    assert set(cpus) <= os.sched_getaffinity(0) and len(cpus) >= 1
+    assert host.one_per_core([0]) == [0]
 
 
 def test_kv_cache_is_sized_for_the_batch_and_capped_by_memory():

@@ -2,6 +2,7 @@
 on submitit's local executor (pipeline.py, then slurm/sweep.py's stages on the same folder) and its debug executor.
 The whole loop on the real local Slurm cluster is tests/test_sweep.py's."""
 import json
+import re
 import shutil
 import subprocess
 
@@ -111,10 +112,13 @@ def test_the_whole_loop_on_local_processes_then_a_second_run_that_skips_everythi
         assert f"stage {stage}" in output
     assert any("dpo 0/2 (beta" in line for line in output.splitlines()), "progress while the runs train"
     relayed = [line for line in output.splitlines() if "[progress]" in line]  # from the jobs' logs
-    for what in ("reference log-probs: ", "dpo train beta0.1_seed0: ", "generate sft: ", "judge "):
-        assert any(what in line for line in relayed), (what, relayed)
-    table = output[output.rindex("stage "):]
-    assert "this run" in table and all(f"{stage} " in table for stage in pipeline.STAGES)
+    for what in ("reference log-probs: ", "dpo train beta0.1_seed0: "):  # the tiny answers and verdicts take less
+        assert any(what in line for line in relayed), (what, relayed)    # than a line's interval
+
+    table = output[output.rindex("this run"):]  # the final stage table: every stage with its own time
+    for stage in pipeline.STAGES[1:]:
+        row = next(line for line in table.splitlines() if line.startswith(stage + " "))
+        assert re.search(r"\b\d+m\d\ds\b", row), row
     assert "every stage finished" in output
     report = root / "report" / "README.md"
     written, record = report.stat().st_mtime_ns, (root / "sweep_tiny" / "sweep.json").read_text()
