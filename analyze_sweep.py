@@ -884,6 +884,15 @@ def judge_figure(table: pd.DataFrame, calibration: dict | None, out: Path) -> li
 # ---------------------------------------------------------------- the report
 
 
+def precision_of(run: Run) -> str:
+    """The config's train.mixed_precision, and with auto what it became where the run ran (run.json)."""
+    given = _get(run.config, "train.mixed_precision")
+    used = run.info.get("mixed_precision")
+    if given == "auto" and used:
+        return f"auto → {'bf16 autocast' if used == 'bf16' else 'fp32'} on this host"
+    return str(given)
+
+
 def _get(d, dotted: str, default="?"):
     for part in dotted.split("."):
         d = d.get(part) if isinstance(d, dict) else None
@@ -914,7 +923,8 @@ def setup_account(sweep: Path, runs: list[Run], comparisons: dict[str, Compariso
         c = sft.config
         lines.append(f"- **Base model**: `{_get(c, 'model.path')}` ({_get(c, 'model.dtype')}); SFT on the chosen "
                      f"responses: {sft.info.get('steps', sft.last_step)} steps, lr {_num(_get(c, 'train.lr'))}, batch "
-                     f"{_get(c, 'train.batch_size')}×{_get(c, 'train.grad_accum')}.")
+                     f"{_get(c, 'train.batch_size')}×{_get(c, 'train.grad_accum')}, max_length "
+                     f"{_get(c, 'tokenize.max_length')}.")
     ref = (dpo or [sft])[0] if (dpo or sft) else None
     if ref:
         c, i = ref.config, ref.info
@@ -931,7 +941,7 @@ def setup_account(sweep: Path, runs: list[Run], comparisons: dict[str, Compariso
                      f"{{{', '.join(_num(b) for b in betas)}}}; seeds {seeds}; {_get(c, 'train.max_steps')} steps, "
                      f"batch {_get(c, 'train.batch_size')}×{_get(c, 'train.grad_accum')} pairs, lr "
                      f"{_num(_get(c, 'train.lr'))} ({_get(c, 'train.scheduler')}, warmup {_get(c, 'train.warmup_steps')}), "
-                     f"precision {_get(c, 'train.mixed_precision')}, "
+                     f"precision {precision_of(dpo[0])}, "
                      + (f"LoRA r={_get(c, 'lora.r')}" if _get(c, "lora.r", 0) else "full fine-tune")
                      + f"; policy and reference start from `{_get(c, 'model.path')}`.")
     infos = [r.info for r in runs if r.info]
