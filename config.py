@@ -198,7 +198,7 @@ class TrainConfig:
     """How many of the newest checkpoints to keep."""
     save_final_state: bool = False
     """Also write a resumable checkpoint (optimizer state included: ~3x the weights) when the run completes; by
-    default a completed run writes final/ only."""
+    default a completed run writes final/ only (and the save_every checkpoint when its last step is one)."""
     resume: str = "auto"
     """auto: continue from the newest complete checkpoint in output_dir; never: start fresh (refuses a used dir)."""
     log_every: int = 1

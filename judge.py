@@ -423,7 +423,7 @@ def make_engine(args: JudgeArgs, stop_ids, tokenizer, max_model_len: int, log):
     if name == "vllm" and not vllm_available():
         raise JudgeError("--engine vllm: vLLM is not installed here (requirements-cpu.txt or requirements-gpu.txt)")
     dtype, dtype_why = engine_dtype(args.dtype, "judge")
-    log(f"judge: starting the {name} engine ({why}) on {args.base_url if name == 'openai' else args.judge_model}"
+    log(f"judge: starting the {name} engine on {args.base_url if name == 'openai' else args.judge_model} ({why})"
         + ("" if name == "openai" else f", dtype {dtype} ({dtype_why})"))
     if name == "openai":
         return OpenAIEngine(ServerArgs(args.base_url, args.api_key, args.served_model_name, args.concurrency,

@@ -650,7 +650,8 @@ def finish(run: Run) -> None:
     run.json says completed."""
     if run.eval_pairs:
         run.info["final_eval"] = log_eval(run)
-    if run.cfg.train.save_final_state:
+    every = run.cfg.train.save_every
+    if run.cfg.train.save_final_state or (every and run.step % every == 0):  # the last step of save_every's too
         save_checkpoint(run.accelerator, run.out_dir, run.step, run.state(), run.cfg.train.keep_checkpoints)
     save_final(run.cfg, run.accelerator, run.model, run.tokenizer, run.out_dir)
     checksum = parameter_checksum(run.accelerator.unwrap_model(run.model))
