@@ -28,7 +28,7 @@ import torch
 
 from arguments import EngineArgs
 from config import UserInputError
-from host import kv_cache_gib, vllm_cpu_env
+from host import kv_cache_gib, on_cuda as on_gpu, vllm_cpu_env  # on_gpu: every engine's device test
 from jsonl import append_jsonl, read_jsonl, repair_tail
 from models import load_model
 
@@ -43,10 +43,6 @@ CALLER_ENV = {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU_")}
 
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
-
-
-def on_gpu() -> bool:
-    return torch.cuda.is_available()
 
 
 def model_config(weights: str) -> dict:
