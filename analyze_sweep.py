@@ -33,6 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
 
 
+import objectives
 from config import UserInputError
 from jsonl import read_jsonl, summary_path
 from stats import (SCORE, DEGENERATE_BELOW, bootstrap_ci, is_degenerate, bradley_terry, combine, first_position_rate as rate_of_position_a, lc_win_rate,
@@ -83,7 +84,10 @@ class Run:
 
     @property
     def loss_type(self) -> str:
-        return "sft" if self.kind == "sft" else str(self.config.get("loss", {}).get("type", "?"))
+        """The objective with its non-default options (objectives.describe): runs pool as seeds only within one."""
+        if self.kind == "sft":
+            return "sft"
+        return objectives.describe(self.config["loss"]) if isinstance(self.config.get("loss"), dict) else "?"
 
     @property
     def max_steps(self) -> int | None:
@@ -1076,7 +1080,9 @@ def write_report(out: Path, sweep: Path, runs, comparisons, generations, table, 
         lines += [f"Not drawn yet (no data): {', '.join(missing)}.", ""]
     lines += ["## Definitions", "",
               "- *reward* = β·log(π/π_ref) summed over the response (TRL's `rewards/*`); *margin* = chosen − rejected; "
-              "*accuracy* = share of pairs with chosen reward > rejected reward.",
+              "*accuracy* = share of pairs with chosen reward > rejected reward. Reference-free objectives define "
+              "it without π_ref (below).",
+              *objective_definitions(runs),
               "- *KL estimate*: per-token k3 estimator exp(−r) − 1 + r of r = log π − log π_ref on the chosen responses.",
               "- *LC win rate*: AlpacaEval 2's GLM, logit P(win) = θ + φ·tanh(Δlen/sd(Δlen)) with Δlen the answer "
               "length difference in characters; reported as σ(θ), the win rate at equal lengths.",
@@ -1086,6 +1092,28 @@ def write_report(out: Path, sweep: Path, runs, comparisons, generations, table, 
     path = out / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def objective_definitions(runs) -> list[str]:
+    """One line per objective the sweep trained: its paper, loss, reward and keys (objectives.SPECS)."""
+    used = []
+    for run in runs:
+        loss = run.config.get("loss") if run.kind == "dpo" and isinstance(run.config.get("loss"), dict) else None
+        if loss is not None:
+            names = objectives.as_list(loss.get("type", "sigmoid")) + (["sft"] if loss.get("rpo_alpha") else [])
+            used += [n for n in names if n in objectives.SPECS and n not in used]
+    lines = []
+    for name in used:
+        spec = objectives.SPECS[name]
+        lines.append(f"- `{name}` ({spec.paper}): loss {spec.formula}; reward {spec.reward}"
+                     + (f"; keys {', '.join(spec.keys)}" if spec.keys else "") + ".")
+    if len(used) > 1 or any(r.loss_type not in objectives.SPECS for r in runs if r.kind == "dpo"):
+        lines.append("- *objective names*: `a+b` sums objectives (`0.8·a` weighted, loss.weights); `[...]` lists "
+                     "non-default options (ε label smoothing, f-divergence, wpo, ld α, tr-dpo every/α).")
+    if lines:
+        lines.append("- Notation: π, r the policy's and reference's summed response log-probs, ρ = π − r, |y| the "
+                     "response length, h = ρc − ρr (f-divergence scores under loss.f_divergence).")
+    return lines
 
 
 def describe_state(run: Run) -> str:

@@ -17,11 +17,14 @@ import functools
 import inspect
 import sys
 import textwrap
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from objectives import F_DIVERGENCES, SPECS, needs_reference
 
 
 class UserInputError(Exception):
@@ -35,7 +38,7 @@ class ConfigError(UserInputError):
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_FORMATS = ("auto", "hh", "pairs", "messages")
 LOSS_NAMES = ("sft", "dpo")
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo")
+LOSS_TYPES = tuple(SPECS)
 CHAT_TEMPLATES = ("auto", "model", "hh")
 
 
@@ -133,17 +136,35 @@ class TokenizeConfig:
 @dataclass
 class LossConfig:
     name: str = "dpo"
-    """sft (NLL on chosen responses) or dpo (a preference loss against a reference)."""
-    type: str = "sigmoid"
-    """Preference loss: sigmoid (DPO/cDPO), robust (rDPO), hinge (SLiC), ipo, simpo."""
+    """sft (NLL on chosen responses) or dpo (a preference objective, loss.type)."""
+    type: str | list[str] = "sigmoid"
+    """Preference objective, or a list of them summed with loss.weights (TRL's loss_type): sigmoid, hinge, ipo,
+    exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, sft,
+    sigmoid_norm, simpo, orpo, cpo. MPO: [sigmoid, bco_pair, sft] with weights [0.8, 0.2, 1.0]."""
+    weights: list[float] = field(default_factory=list)
+    """One weight per loss.type entry (TRL's loss_weights); empty = 1 each."""
     beta: float = 0.1
-    """Inverse temperature of the implicit reward."""
+    """Inverse temperature of the implicit reward (IPO's τ, ORPO's λ)."""
     label_smoothing: float = 0.0
-    """Assumed label-noise rate for sigmoid (cDPO) and robust (rDPO)."""
+    """Assumed label-noise rate ε: sigmoid (cDPO), robust (rDPO), exo_pair (> 0), aot, cpo."""
     simpo_gamma: float = 0.0
     """SimPO target reward margin."""
     rpo_alpha: float = 0.0
-    """Weight of an added NLL on chosen responses (RPO); 0 = off."""
+    """Weight of an added NLL on chosen responses (RPO): an alias of adding sft to loss.type with this weight."""
+    f_divergence: str = "reverse_kl"
+    """f-DPO divergence: reverse_kl (DPO), forward_kl, js_divergence, alpha_divergence (loss.f_alpha)."""
+    f_alpha: float = 0.5
+    """α of alpha_divergence."""
+    discopop_tau: float = 0.05
+    """DiscoPOP's temperature τ."""
+    wpo: bool = False
+    """WPO: weight each pair by its responses' aligned probabilities under the policy (Zhou et al. 2024)."""
+    ld_alpha: float | None = None
+    """LD-DPO: weight of the response tokens beyond the shorter response's length, in [0, 1]; none = off."""
+    sync_ref_every: int = 0
+    """TR-DPO: every this many steps the reference moves toward the policy (loss.sync_ref_alpha); 0 = frozen."""
+    sync_ref_alpha: float = 0.6
+    """TR-DPO mixing weight: reference = α·policy + (1 − α)·reference; 1 = hard update."""
     reference_path: str = ""
     """Frozen reference model; empty = the policy's starting weights (with LoRA: the model with adapters off)."""
     ref_cache_dir: str = "logs/ref_cache"
@@ -151,10 +172,46 @@ class LossConfig:
 
     def __post_init__(self):
         one_of("loss.name", self.name, LOSS_NAMES)
-        one_of("loss.type", self.type, LOSS_TYPES)
+        types = self.type if isinstance(self.type, list) else [self.type]
+        require(bool(types), "loss.type", "must name at least one objective")
+        for i, t in enumerate(types):
+            one_of("loss.type" if isinstance(self.type, str) else f"loss.type[{i}]", t, LOSS_TYPES)
+        require(len(set(types)) == len(types), "loss.type", f"lists an objective twice: {types}")
+        require(not self.weights or len(self.weights) == len(types), "loss.weights",
+                f"has {len(self.weights)} weights for the {len(types)} objectives of loss.type {types}")
         require(self.beta > 0, "loss.beta", f"must be > 0; got {self.beta}")
         require(0.0 <= self.label_smoothing < 0.5, "loss.label_smoothing", f"must be in [0, 0.5); got {self.label_smoothing}")
         require(self.rpo_alpha >= 0, "loss.rpo_alpha", f"must be >= 0; got {self.rpo_alpha}")
+        require(not (self.rpo_alpha and "sft" in types), "loss.rpo_alpha",
+                "adds sft to loss.type, which already lists sft: give its weight in loss.weights instead")
+        one_of("loss.f_divergence", self.f_divergence, F_DIVERGENCES)
+        off = [t for t in types if not SPECS[t].f_divergence]
+        require(self.f_divergence == "reverse_kl" or not off, "loss.f_divergence",
+                f"{self.f_divergence} applies to the margin losses only "
+                f"({', '.join(t for t in SPECS if SPECS[t].f_divergence)}); loss.type has {', '.join(off)}")
+        require(self.discopop_tau > 0, "loss.discopop_tau", f"must be > 0; got {self.discopop_tau}")
+        require("exo_pair" not in types or self.label_smoothing > 0, "loss.label_smoothing",
+                "must be > 0 with loss.type exo_pair (its target distribution is (1 − ε, ε); the paper uses 1e-3)")
+        sorting = [t for t in types if SPECS[t].sorts]
+        require(not (self.wpo and sorting), "loss.wpo",
+                f"weights each pair, but loss.type {', '.join(sorting)} sorts the batch (no per-pair losses)")
+        require(self.ld_alpha is None or 0.0 <= self.ld_alpha <= 1.0, "loss.ld_alpha",
+                f"must be in [0, 1] (1 = plain DPO) or null; got {self.ld_alpha}")
+        require(self.sync_ref_every >= 0, "loss.sync_ref_every", f"must be >= 0; got {self.sync_ref_every}")
+        require(0.0 < self.sync_ref_alpha <= 1.0, "loss.sync_ref_alpha", f"must be in (0, 1]; got {self.sync_ref_alpha}")
+        require(not (self.sync_ref_every and self.name == "dpo" and not needs_reference(types)),
+                "loss.sync_ref_every", f"moves the reference, but loss.type {types} uses none")
+
+    @property
+    def types(self) -> list[str]:
+        """The objectives summed, rpo_alpha's sft included."""
+        return (self.type if isinstance(self.type, list) else [self.type]) + (["sft"] if self.rpo_alpha else [])
+
+    @property
+    def term_weights(self) -> list[float]:
+        """One weight per entry of `types`."""
+        own = list(self.weights) or [1.0] * (len(self.types) - bool(self.rpo_alpha))
+        return own + ([self.rpo_alpha] if self.rpo_alpha else [])
 
 
 @dataclass
@@ -250,6 +307,11 @@ class Config:
     output_dir: str = "logs/default"
     """Where the run writes metrics.jsonl, config.yaml, run.json, checkpoints and final/."""
 
+    def __post_init__(self):
+        require(not (self.loss.sync_ref_every and self.lora.r), "loss.sync_ref_every",
+                f"TR-DPO moves a reference copy of the full model, but lora.r={self.lora.r} trains adapters whose "
+                f"reference is the base model with adapters off: set loss.sync_ref_every=0 or lora.r=0")
+
 
 
 # ---------------------------------------------------------------- dataclasses from YAML, overrides and command lines
@@ -293,6 +355,10 @@ def coerce(hint, value, key: str, kind: str = "config", root=None):
     origin = typing.get_origin(hint) or (hint if hint in (list, dict) else None)
     if hint is typing.Any:
         return value
+    if origin in (typing.Union, types.UnionType):  # `str | list[str]`: a list stays a list, anything else a string
+        listed = next(a for a in typing.get_args(hint) if typing.get_origin(a) is list)
+        as_list = isinstance(value, list) or (isinstance(value, str) and "," in value)  # sigmoid,sft
+        return coerce(listed if as_list else str, value, key, kind, root)
     if dataclasses.is_dataclass(hint):
         return build(hint, value, key + ".", kind, root)
     if hint is bool:

@@ -19,6 +19,7 @@ train.save_final_state) and final/ (Hugging Face format; with LoRA also final/ad
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -40,7 +41,9 @@ from bookkeeping import (DiskFullError, check_output_dir, disk_full_reason, find
                          warn_if_disk_short, write_run_json, zero3)
 from chat_format import IGNORE_INDEX, resolve_template, sequence_and_labels, tokenize_pairs
 from config import Config, UserInputError, load_config, to_yaml
-from dpo_loss import LENGTH_AVERAGED, preference_loss, sequence_logps, token_logps
+from dpo_loss import (LossOptions, PairLogps, ld_token_weights, log_sum_sq_probs, objective_terms, per_token_logps,
+                      token_logps, wpo_factors)
+from objectives import describe, needs_reference
 from host import resolve_mixed_precision
 from jsonl import append_jsonl, read_jsonl, rewrite_jsonl
 from models import load_model, load_tokenizer, model_fingerprint
@@ -146,7 +149,9 @@ def add_logps_head(model, chunk_tokens: int = 1024):
     (activation checkpointing), so the [rows, length, vocab] logits never exist: with a 49k vocabulary they are the
     largest tensors of a DPO step. Patching the inner module keeps DDP, DeepSpeed and PEFT wrappers in the path.
     Equals dpo_loss.sequence_logps on the full logits (tested). Calls without logps_labels run the original forward;
-    heads that transform logits (soft-capping, scaling) take the full-logits path.
+    heads that transform logits (soft-capping, scaling) take the full-logits path. `per_token=True` returns the
+    [rows, length − 1] label log-probs instead (0 off the labels; LD-DPO weights them), and `with_sq=True` adds
+    log Σ p² of each position's distribution, without gradient (WPO's weights): (values, log_sum_sq).
     """
     original_forward = model.forward
     backbone = getattr(model, model.base_model_prefix)
@@ -156,20 +161,39 @@ def add_logps_head(model, chunk_tokens: int = 1024):
     def chunk_logps(hidden, targets):
         return token_logps(lm_head(hidden), targets)
 
-    def forward(*args, logps_labels=None, **kwargs):
+    def chunk_logps_sq(hidden, targets):
+        logits = lm_head(hidden)
+        return token_logps(logits, targets), log_sum_sq_probs(logits)
+
+    def forward(*args, logps_labels=None, per_token=False, with_sq=False, **kwargs):
         if logps_labels is None:
             return original_forward(*args, **kwargs)
-        if not plain_head:
-            return sequence_logps(original_forward(*args, **kwargs).logits, logps_labels)
-        hidden = backbone(*args, **kwargs).last_hidden_state
         labels = logps_labels[:, 1:]
         mask = labels != IGNORE_INDEX
-        rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
-        states, targets = hidden[:, :-1][mask], labels[mask]
-        pieces = [checkpoint(chunk_logps, states[i:i + chunk_tokens], targets[i:i + chunk_tokens], use_reentrant=False)
-                  for i in range(0, states.shape[0], chunk_tokens)]
-        token_values = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
-        return torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, token_values)
+        if not plain_head:
+            logits = original_forward(*args, **kwargs).logits
+            values, _ = per_token_logps(logits, logps_labels)
+            squares = log_sum_sq_probs(logits[:, :-1]) * mask if with_sq else None
+        else:
+            hidden = backbone(*args, **kwargs).last_hidden_state
+            states, targets = hidden[:, :-1][mask], labels[mask]
+            head = chunk_logps_sq if with_sq else chunk_logps
+            pieces = [checkpoint(head, states[i:i + chunk_tokens], targets[i:i + chunk_tokens], use_reentrant=False)
+                      for i in range(0, states.shape[0], chunk_tokens)]
+            if with_sq:
+                pieces, sq_pieces = [p[0] for p in pieces], [p[1] for p in pieces]
+            flat = torch.cat(pieces) if pieces else states.new_zeros(0, dtype=torch.float32)
+            if not (per_token or with_sq):
+                rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(labels)[mask]
+                return torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, flat)
+            values = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device).masked_scatter(mask, flat)
+            squares = None
+            if with_sq:
+                flat_sq = torch.cat(sq_pieces) if sq_pieces else flat.detach()
+                squares = torch.zeros_like(values).masked_scatter(mask, flat_sq.detach())
+        if with_sq:
+            return values, squares
+        return values if per_token else values.sum(-1)
 
     model.forward = forward
     return model
@@ -181,36 +205,65 @@ def forward_logps(model, batch):
                  logps_labels=batch["labels"])
 
 
+@dataclass
+class RowLogps:
+    """A collated batch's log-probs, row by row: `logps` is what the objectives see (LD-DPO's weighted sum), `raw`
+    the plain sum (NLL, perplexity), `wpo` each row's WPO factor exp(mean aligned log-prob) or None."""
+    logps: torch.Tensor
+    raw: torch.Tensor
+    wpo: torch.Tensor | None = None
+
+
+def row_logps(cfg: Config, model, batch, wpo: bool | None = None) -> RowLogps:
+    """Response log-probs per row of a collated batch under loss.ld_alpha (and, for the policy, loss.wpo)."""
+    wpo = cfg.loss.wpo if wpo is None else wpo
+    if cfg.loss.ld_alpha is None and not wpo:
+        logps = forward_logps(model, batch)
+        return RowLogps(logps, logps)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                logps_labels=batch["labels"], per_token=True, with_sq=wpo)
+    values, squares = out if wpo else (out, None)
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    raw = values.sum(-1)
+    logps = raw if cfg.loss.ld_alpha is None else (values * ld_token_weights(mask, cfg.loss.ld_alpha)).sum(-1)
+    return RowLogps(logps, raw, wpo_factors(values, squares, mask) if wpo else None)
+
+
 def to_device(batch, device):
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
-def pair_terms(cfg: Config, logps, n_tokens, ref_chosen, ref_rejected):
-    """Loss per pair and the per-pair values behind the logged metrics, from summed log-probs."""
+def loss_options(cfg: Config) -> LossOptions:
+    loss = cfg.loss
+    return LossOptions(beta=loss.beta, label_smoothing=loss.label_smoothing, simpo_gamma=loss.simpo_gamma,
+                       f_divergence=loss.f_divergence, f_alpha=loss.f_alpha, discopop_tau=loss.discopop_tau)
+
+
+def pair_terms(cfg: Config, logps, n_tokens, ref_chosen, ref_rejected, raw=None, wpo=None):
+    """Loss per pair and the per-pair values behind the logged metrics, from summed log-probs: logps, n_tokens,
+    raw (unweighted sums, default logps) and wpo (per-row WPO factors) in the collated [chosen..., rejected...]
+    layout; loss/<type> is each objective's term as it enters the weighted sum."""
     half = logps.shape[0] // 2
     chosen, rejected = logps[:half], logps[half:]
+    raw = logps if raw is None else raw
     n_chosen, n_rejected = n_tokens[:half].clamp(min=1), n_tokens[half:].clamp(min=1)
-    if cfg.loss.type in LENGTH_AVERAGED:
-        pc, pr = chosen / n_chosen, rejected / n_rejected
-        rc = ref_chosen / n_chosen if ref_chosen is not None else None
-        rr = ref_rejected / n_rejected if ref_rejected is not None else None
-    else:
-        pc, pr, rc, rr = chosen, rejected, ref_chosen, ref_rejected
-    losses, chosen_rewards, rejected_rewards = preference_loss(
-        pc, pr, rc, rr, cfg.loss.beta, cfg.loss.type, cfg.loss.label_smoothing, cfg.loss.simpo_gamma)
-    nll = -chosen / n_chosen
-    if cfg.loss.rpo_alpha:
-        losses = losses + cfg.loss.rpo_alpha * nll
-    terms = {"loss": losses.detach(), "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
-             "rewards/margins": chosen_rewards - rejected_rewards,
-             "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+    x = PairLogps(chosen, rejected, ref_chosen, ref_rejected, n_chosen, n_rejected, chosen_nll_sum=raw[:half])
+    pair_weights = wpo[:half] * wpo[half:] if wpo is not None else None
+    out = objective_terms(x, cfg.loss.types, cfg.loss.term_weights, loss_options(cfg), pair_weights)
+    nll = -raw[:half] / n_chosen
+    terms = {"loss": out.losses.detach(), **{f"loss/{k}": v.detach() for k, v in out.terms.items()},
+             "rewards/chosen": out.chosen_rewards, "rewards/rejected": out.rejected_rewards,
+             "rewards/margins": out.chosen_rewards - out.rejected_rewards,
+             "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
              "logps/chosen": chosen.detach(), "logps/rejected": rejected.detach(),
              "nll/chosen": nll.detach(), "n/chosen": n_chosen.float()}
+    if pair_weights is not None:
+        terms["wpo/weight"] = pair_weights.detach()
     if ref_chosen is not None:
         log_ratio = (chosen.detach() - ref_chosen) / n_chosen  # per token, on chosen responses
         terms["logratio/chosen"] = log_ratio
         terms["kl"] = torch.exp(-log_ratio) - 1 + log_ratio  # k3 estimator, >= 0
-    return losses.mean(), terms
+    return out.losses.mean(), terms
 
 
 def sft_terms(logps, n_tokens):
@@ -234,8 +287,11 @@ def summarise(terms: dict) -> dict:
 def reference_key(cfg: Config, pairs, precision: str) -> str:
     """precision: the resolved train.mixed_precision (accelerator.mixed_precision), never "auto"."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"v": CACHE_VERSION, "reference": model_fingerprint(cfg.loss.reference_path or cfg.model.path),
-                              "dtype": cfg.model.dtype, "mixed_precision": precision}).encode())
+    key = {"v": CACHE_VERSION, "reference": model_fingerprint(cfg.loss.reference_path or cfg.model.path),
+           "dtype": cfg.model.dtype, "mixed_precision": precision}
+    if cfg.loss.ld_alpha is not None:  # LD-DPO weights the reference's tokens too
+        key["ld_alpha"] = cfg.loss.ld_alpha
+    digest.update(json.dumps(key).encode())
     for p in sorted(pairs, key=lambda p: p.id):
         digest.update(json.dumps([p.id, p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
     return digest.hexdigest()[:20]
@@ -253,10 +309,12 @@ def padded_shards(items: list, batch_size: int, rank: int, world: int) -> list[t
     return mine
 
 
-def compute_logps(model, pairs, accelerator, batch_size: int, pad_token_id: int, progress: str = "") -> dict:
-    """{pair id: (chosen sum, rejected sum, chosen tokens, rejected tokens)} over all pairs, in eval mode and without
-    gradients, the work split across processes; batches of similar length (less padding), a progress line when
-    `progress` names the pass."""
+def compute_logps(model, pairs, accelerator, batch_size: int, pad_token_id: int, progress: str = "",
+                  cfg: Config | None = None, wpo: bool = False) -> dict:
+    """{pair id: (chosen, rejected, chosen tokens, rejected tokens, raw chosen, raw rejected, WPO factor chosen,
+    WPO factor rejected)} over all pairs, in eval mode and without gradients, the work split across processes; the
+    log-probs under cfg's loss.ld_alpha (raw: plain sums), WPO factors 1 unless `wpo`; batches of similar length
+    (less padding), a progress line when `progress` names the pass."""
     results = {}
     was_training = model.training
     model.eval()
@@ -266,11 +324,19 @@ def compute_logps(model, pairs, accelerator, batch_size: int, pad_token_id: int,
     with torch.no_grad(), bar:
         for batch_pairs, n_real in shards:
             batch = to_device(collate(batch_pairs, pad_token_id), accelerator.device)
-            logps = forward_logps(model, batch).float().cpu()
+            if cfg is None:
+                logps = forward_logps(model, batch).float()
+                out = RowLogps(logps, logps)
+            else:
+                out = row_logps(cfg, model, batch, wpo=wpo)
+            columns = [out.logps, out.raw, out.wpo if out.wpo is not None else torch.ones_like(out.logps)]
+            logps, raw, factor = (c.float().cpu() for c in columns)
             n_tokens = batch["response_tokens"].float().cpu()
             half = len(batch_pairs)
             for i, p in enumerate(batch_pairs[:n_real]):
-                results[p.id] = (float(logps[i]), float(logps[half + i]), float(n_tokens[i]), float(n_tokens[half + i]))
+                j = half + i
+                results[p.id] = (float(logps[i]), float(logps[j]), float(n_tokens[i]), float(n_tokens[j]),
+                                 float(raw[i]), float(raw[j]), float(factor[i]), float(factor[j]))
             bar.update(n_real * accelerator.num_processes, tokens=int(batch["tokens"]) * accelerator.num_processes)
     model.train(was_training)
     merged = {}
@@ -290,7 +356,7 @@ def reference_logps(cfg: Config, accelerator, get_reference, pairs, pad_token_id
     info["cache"] = "miss"
     start = time.time()
     logps = compute_logps(get_reference(), pairs, accelerator, cfg.train.eval_batch_size, pad_token_id,
-                          progress="reference log-probs")
+                          progress="reference log-probs", cfg=cfg)
     info["forward_passes"] = math.ceil(len(pairs) / cfg.train.eval_batch_size)
     if accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -318,8 +384,9 @@ def evaluate(cfg: Config, model, pairs, ref, accelerator, pad_token_id) -> tuple
     if cfg.train.max_eval_pairs:
         pairs = pairs[:cfg.train.max_eval_pairs]
     values = compute_logps(model, pairs, accelerator, cfg.train.eval_batch_size, pad_token_id,
-                           progress=f"eval {Path(cfg.output_dir).name}")
-    chosen, rejected, n_chosen, n_rejected = torch.tensor([values[p.id] for p in pairs]).unbind(1)
+                           progress=f"eval {Path(cfg.output_dir).name}", cfg=cfg, wpo=cfg.loss.wpo)
+    chosen, rejected, n_chosen, n_rejected, raw_chosen, raw_rejected, wpo_chosen, wpo_rejected = torch.tensor(
+        [values[p.id] for p in pairs]).unbind(1)
     rows = [{"pair_id": p.id, "policy_chosen": float(chosen[i]), "policy_rejected": float(rejected[i]),
              "chosen_tokens": int(n_chosen[i]), "rejected_tokens": int(n_rejected[i])} for i, p in enumerate(pairs)]
     if cfg.loss.name == "sft":
@@ -328,7 +395,8 @@ def evaluate(cfg: Config, model, pairs, ref, accelerator, pad_token_id) -> tuple
     else:
         ref_chosen, ref_rejected = ref_tensors(ref, pairs, "cpu")
         _, terms = pair_terms(cfg, torch.cat([chosen, rejected]), torch.cat([n_chosen, n_rejected]),
-                              ref_chosen, ref_rejected)
+                              ref_chosen, ref_rejected, raw=torch.cat([raw_chosen, raw_rejected]),
+                              wpo=torch.cat([wpo_chosen, wpo_rejected]) if cfg.loss.wpo else None)
         for i, row in enumerate(rows):
             row.update({"ref_chosen": float(ref_chosen[i]) if ref_chosen is not None else None,
                         "ref_rejected": float(ref_rejected[i]) if ref_rejected is not None else None,
@@ -460,7 +528,9 @@ class Run:
     trainable: list = field(default_factory=list)
     optimizer: object = None
     scheduler: object = None
-    ref: dict | None = None           # reference log-probs per pair id (None: SFT, SimPO)
+    ref: dict | None = None           # reference log-probs per pair id (None: SFT, reference-free objectives)
+    ref_model: object = None          # TR-DPO's moving reference (loss.sync_ref_every), else None
+    ref_synced: bool = False          # the moving reference has left its start: `ref` is stale, compute on the fly
     batches: Batches | None = None
     step: int = 0
     tokens: int = 0
@@ -486,6 +556,55 @@ def reference_model(cfg: Config, accelerator, policy):
     if not cfg.loss.reference_path:
         return policy
     return prepare_frozen(accelerator, add_logps_head(load_model(cfg.loss.reference_path, cfg.model.dtype)))
+
+
+def moving_reference(cfg: Config, accelerator, policy):
+    """TR-DPO's reference (loss.sync_ref_every): a copy of the starting weights (or loss.reference_path) that
+    sync_reference moves toward the policy; prepared for forward passes in the policy's precision."""
+    if zero3(accelerator):
+        raise UserInputError("loss.sync_ref_every: TR-DPO needs whole parameters on every process to mix them, and "
+                             "the DeepSpeed config shards them (ZeRO-3): use ZeRO-1/2 or loss.sync_ref_every=0")
+    model = add_logps_head(load_model(cfg.loss.reference_path or cfg.model.path, cfg.model.dtype))
+    disable_dropout(model)
+    mine = {name: p.shape for name, p in model.named_parameters()}
+    theirs = {name: p.shape for name, p in accelerator.unwrap_model(policy).named_parameters()}
+    if mine != theirs:
+        raise UserInputError(f"loss.sync_ref_every: loss.reference_path {cfg.loss.reference_path} does not have the "
+                             f"parameters of model.path {cfg.model.path}, so the policy cannot be mixed into it")
+    model.requires_grad_(False)
+    if accelerator.state.deepspeed_plugin is not None:
+        model = prepare_frozen(accelerator, model)
+    else:
+        model = accelerator.prepare_model(model, evaluation_mode=True)
+    model.eval()
+    return model
+
+
+def sync_reference(run: Run) -> None:
+    """TR-DPO (Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good Alignment", arXiv:2404.09656):
+    reference ← α·policy + (1 − α)·reference, α = loss.sync_ref_alpha (1: a hard copy). From the first sync the
+    cached reference log-probs describe a reference that no longer exists: every later step and eval computes them
+    with the moving reference."""
+    alpha = run.cfg.loss.sync_ref_alpha
+    policy = dict(run.accelerator.unwrap_model(run.model).named_parameters())
+    with torch.no_grad():
+        for name, param in run.accelerator.unwrap_model(run.ref_model).named_parameters():
+            param.mul_(1 - alpha).add_(policy[name].detach().to(param.dtype), alpha=alpha)
+    info = run.info["reference"]
+    info["syncs"] = info.get("syncs", 0) + 1
+    if not run.ref_synced:
+        info["first_sync_step"] = run.step
+        run.say(f"step {run.step}: reference synced toward the policy (alpha {alpha}); from here on reference "
+                f"log-probs are computed on the fly (the cache holds the step-0 reference)")
+    run.ref_synced = True
+
+
+def live_reference(run: Run, batch) -> tuple:
+    """The moving reference's log-probs of a collated batch (chosen, rejected), without gradients."""
+    with torch.no_grad():
+        logps = row_logps(run.cfg, run.ref_model, batch, wpo=False).logps.float()
+    half = logps.shape[0] // 2
+    return logps[:half], logps[half:]
 
 
 def setup(cfg: Config, log=print) -> Run:
@@ -524,14 +643,21 @@ def setup(cfg: Config, log=print) -> Run:
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     run.model, run.optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(run.scheduler)  # stepped here once per optimizer step, not by accelerate
-    if cfg.loss.name == "dpo" and cfg.loss.type != "simpo":  # before load_state: the policy holds its start weights
+    if cfg.loss.name == "dpo" and needs_reference(cfg.loss.types):  # before load_state: the policy is at its start
+        if cfg.loss.sync_ref_every:
+            run.ref_model = moving_reference(cfg, accelerator, run.model)
+            accelerator.register_for_checkpointing(accelerator.unwrap_model(run.ref_model))  # it moves: checkpointed
+        get_reference = (lambda: run.ref_model) if run.ref_model is not None else (
+            lambda: reference_model(cfg, accelerator, run.model))
         run.ref, run.info["reference"] = reference_logps(
-            cfg, accelerator, lambda: reference_model(cfg, accelerator, run.model), train_pairs + eval_pairs,
-            tokenizer.pad_token_id, say)
+            cfg, accelerator, get_reference, train_pairs + eval_pairs, tokenizer.pad_token_id, say)
+        if cfg.loss.sync_ref_every:
+            run.info["reference"].update(sync_every=cfg.loss.sync_ref_every, sync_alpha=cfg.loss.sync_ref_alpha)
     if resume_from:
         accelerator.load_state(str(resume_from))
         state = json.loads((resume_from / "trainer_state.json").read_text())
         run.step, run.tokens, run.elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
+        run.ref_synced = bool(cfg.loss.sync_ref_every) and run.step >= cfg.loss.sync_ref_every  # restored weights
         if run.main:  # drop lines logged after the checkpoint: the resumed run logs those steps again
             for name in ("metrics.jsonl", "eval_pairs.jsonl"):  # rows past the checkpoint are redone
                 if (out_dir / name).exists():
@@ -598,12 +724,14 @@ def train_step(run: Run, stop_signals: list, bar) -> bool:
         batch = to_device(collate(pairs, run.tokenizer.pad_token_id, with_rejected=cfg.loss.name == "dpo"),
                           accelerator.device)
         with accelerator.accumulate(run.model):
-            logps = forward_logps(run.model, batch)
             if cfg.loss.name == "sft":
-                loss, terms = sft_terms(logps, batch["response_tokens"])
-            else:
-                ref_chosen, ref_rejected = ref_tensors(run.ref, pairs, accelerator.device)
-                loss, terms = pair_terms(cfg, logps, batch["response_tokens"], ref_chosen, ref_rejected)
+                loss, terms = sft_terms(forward_logps(run.model, batch), batch["response_tokens"])
+            else:  # the moving reference's forward first: its activations are gone before the policy's graph
+                ref_chosen, ref_rejected = (live_reference(run, batch) if run.ref_synced else
+                                            ref_tensors(run.ref, pairs, accelerator.device))
+                out = row_logps(cfg, run.model, batch)
+                loss, terms = pair_terms(cfg, out.logps, batch["response_tokens"], ref_chosen, ref_rejected,
+                                         raw=out.raw, wpo=out.wpo)
             if not torch.isfinite(loss):
                 raise NonFiniteError(f"step {run.step + 1}: the loss is {loss.item()} (micro-batch {micro}, "
                                      f"pairs {[p.id for p in pairs]})")
@@ -619,6 +747,8 @@ def train_step(run: Run, stop_signals: list, bar) -> bool:
         step_tokens += batch["tokens"]
     run.scheduler.step()
     run.step += 1
+    if run.ref_model is not None and run.step % cfg.loss.sync_ref_every == 0:
+        sync_reference(run)
     gathered = {k: accelerator.gather(torch.cat([t[k] for t in step_terms]).float()) for k in step_terms[0]}
     # Slurm may signal only some ranks (or at different moments): every rank stops at the same step if any saw it.
     counts = accelerator.gather(torch.tensor([[step_tokens, len(stop_signals)]], device=accelerator.device))
@@ -637,7 +767,13 @@ def train_step(run: Run, stop_signals: list, bar) -> bool:
 
 def log_eval(run: Run) -> dict:
     """One eval: its means to metrics.jsonl, its per-pair values to eval_pairs.jsonl (rows keyed by step, pair_id)."""
-    metrics, rows = evaluate(run.cfg, run.model, run.eval_pairs, run.ref, run.accelerator, run.tokenizer.pad_token_id)
+    cfg = run.cfg
+    pairs = run.eval_pairs[:cfg.train.max_eval_pairs] if cfg.train.max_eval_pairs else run.eval_pairs
+    ref = run.ref
+    if run.ref_synced:  # the cache holds the step-0 reference
+        ref = compute_logps(run.ref_model, pairs, run.accelerator, cfg.train.eval_batch_size,
+                            run.tokenizer.pad_token_id, progress=f"reference for eval {run.out_dir.name}", cfg=cfg)
+    metrics, rows = evaluate(cfg, run.model, pairs, ref, run.accelerator, run.tokenizer.pad_token_id)
     if run.main:
         append_jsonl(run.out_dir / "eval_pairs.jsonl", [{"step": run.step, **row} for row in rows])
     run.log({"step": run.step, "epoch": round(run.epoch, 4), "split": "eval", **metrics, "tokens": run.tokens,
@@ -714,8 +850,12 @@ def show_example(tokenizer, tok) -> str:
 
 def dry_run(cfg: Config) -> None:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    print(f"model: {cfg.model.path} (dtype {cfg.model.dtype}); loss: {cfg.loss.name}"
-          + (f" {cfg.loss.type} beta={cfg.loss.beta}" if cfg.loss.name == "dpo" else ""))
+    objective = ""
+    if cfg.loss.name == "dpo":
+        reference = ("a moving reference (TR-DPO)" if cfg.loss.sync_ref_every else "cached reference log-probs") \
+            if needs_reference(cfg.loss.types) else "no reference"
+        objective = f" {describe(dataclasses.asdict(cfg.loss))} beta={cfg.loss.beta} ({reference})"
+    print(f"model: {cfg.model.path} (dtype {cfg.model.dtype}); loss: {cfg.loss.name}{objective}")
     train_pairs, _ = prepare_data(cfg, tokenizer)
     print(show_example(tokenizer, train_pairs[0]))
     print("dry run: config and data are valid; nothing was trained")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from config import Config, UserInputError
+from objectives import needs_reference
 
 GIB = 2 ** 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -457,7 +458,13 @@ def estimate(cfg: Config, gpus: int = 1, zero_stage: int = 0, gpu: str | Gpu = "
     put("logits (LM head)", chunk * vocab * per_entry, f"add_logps_head: [{chunk}, {vocab}] at a time, recomputed in "
         f"backward, {per_entry} B per entry; the [rows, len, vocab] logits never exist")
 
-    if reference == "model":
+    dpo = cfg.loss.name == "dpo"
+    if dpo and not needs_reference(cfg.loss.types):
+        put("reference", 0, f"loss.type {'+'.join(cfg.loss.types)} is reference-free: no reference at all")
+    elif dpo and cfg.loss.sync_ref_every:  # its no-grad forward runs before the policy's, so it adds no activations
+        put("reference", params * p.weight, f"TR-DPO (loss.sync_ref_every): a resident copy moved toward the policy, "
+            f"{count_text(params)} x {p.weight} B, its log-probs computed each step after the first sync")
+    elif reference == "model":
         put("reference", params * p.weight / (n if stage == 3 else 1), f"what-if: a resident frozen copy, "
             f"{count_text(params)} x {p.weight} B" + (f" sharded over {n}" if stage == 3 else "") + " (TRL's)")
     else:

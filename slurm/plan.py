@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from config import Config, UserInputError, load_config
+from objectives import needs_reference
 from slurm.spec import load_sweep, training_jobs, value_text
 from slurm.memory import (GIB, GPUS, DeepSpeed, Estimate, Gpu, ModelShape, count_text, deepspeed_for, estimate, fits,
                           get_gpu, model_shape, precision, reference_job, verdict)
@@ -202,7 +203,9 @@ def plan_lines(cfg: Config, gpu: str | Gpu = "h100-80gb", gpus: int = 1, nodes: 
         *table_lines(est),
         *[f"note: {n}" for n in est.notes],
         verdict_line(est),
-        f"precompute-ref job: {reference_job(cfg, gpus * nodes, gpu, ds, shape):.1f} GiB per process",
+        f"precompute-ref job: {reference_job(cfg, gpus * nodes, gpu, ds, shape):.1f} GiB per process"
+        if cfg.loss.name == "dpo" and needs_reference(cfg.loss.types) else
+        f"precompute-ref job: none (loss.{'name sft' if cfg.loss.name == 'sft' else 'type is reference-free'})",
     ]
     if with_suggestion and not fits(est):
         lines += suggestion_lines(suggest(cfg, gpu, gpus, nodes, ds, reference, shape), config_file)

@@ -18,6 +18,7 @@ import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import objectives
 from arguments import GenerateArgs, JudgeArgs
 from config import (ArgsError, Config, ConfigError, build, flag, load, load_config, parse_flags, require, to_dict,
                     to_yaml)
@@ -226,8 +227,8 @@ def value_text(value) -> str:
 def _name_part(value) -> str:
     if isinstance(value, float):
         text = f"{value:g}"
-    elif isinstance(value, list):
-        text = "-".join(map(str, value))
+    elif isinstance(value, list):  # a list of objectives reads as their sum: sigmoid+sft
+        text = ("+" if all(isinstance(v, str) for v in value) else "-").join(map(str, value))
     else:
         text = str(value).lower() if isinstance(value, bool) else str(value)
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-")
@@ -253,14 +254,16 @@ def grid_runs(sweep: Sweep) -> list[tuple[str, list[str]]]:
 
 
 def needs_reference(cfg: Config) -> bool:
-    return cfg.loss.name == "dpo" and cfg.loss.type != "simpo"
+    """A DPO run whose objectives compare against the reference gets the shared reference job."""
+    return cfg.loss.name == "dpo" and objectives.needs_reference(cfg.loss.types)
 
 
 def reference_group(cfg: Config) -> str:
     """What the cached reference log-probs depend on; runs that agree on it share one precompute job."""
     d = to_dict(cfg)
     key = {"model": d["model"], "data": d["data"], "tokenize": d["tokenize"], "reference": d["loss"]["reference_path"],
-           "mixed_precision": d["train"]["mixed_precision"], "cache": d["loss"]["ref_cache_dir"]}
+           "mixed_precision": d["train"]["mixed_precision"], "cache": d["loss"]["ref_cache_dir"],
+           "ld_alpha": d["loss"]["ld_alpha"]}  # LD-DPO weights the reference's tokens: its own cache entry
     return json.dumps(key, sort_keys=True)
 
 

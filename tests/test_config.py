@@ -95,3 +95,35 @@ def test_string_fields_take_override_text_as_typed_and_yaml_booleans_are_explain
     path.write_text("# x\ntrain:\n  mixed_precision: no\n")
     with pytest.raises(ConfigError, match=r"train.mixed_precision: expected a string; got False \(YAML reads no/yes"):
         load_config(path)
+
+
+@pytest.mark.parametrize("overrides, keys", [
+    (["loss.type=bco_pair", "loss.f_divergence=js_divergence"], ("loss.f_divergence", "loss.type has bco_pair")),
+    (["loss.type=[sigmoid,simpo]", "loss.f_divergence=forward_kl"], ("loss.f_divergence", "loss.type has simpo")),
+    (["loss.type=aot", "loss.wpo=true"], ("loss.wpo", "loss.type aot")),
+    (["loss.type=exo_pair"], ("loss.label_smoothing", "loss.type exo_pair")),
+    (["loss.type=[sigmoid,sft]", "loss.weights=[1.0]"], ("loss.weights", "loss.type")),
+    (["loss.type=[sigmoid,sft]", "loss.rpo_alpha=0.5"], ("loss.rpo_alpha", "loss.type")),
+    (["loss.type=simpo", "loss.sync_ref_every=4"], ("loss.sync_ref_every", "loss.type")),
+    (["loss.sync_ref_every=4", "lora.r=8"], ("loss.sync_ref_every", "lora.r=8")),
+    (["loss.type=[sigmoid,sigmoid]"], ("loss.type", "twice")),
+    (["loss.type=[sigmoid,kto]"], ("loss.type[1]", "kto")),
+    (["loss.f_divergence=tv"], ("loss.f_divergence", "tv")),
+    (["loss.ld_alpha=1.5"], ("loss.ld_alpha", "[0, 1]")),
+    (["loss.sync_ref_alpha=0"], ("loss.sync_ref_alpha", "(0, 1]")),
+])
+def test_refused_objective_combinations_name_both_keys(overrides, keys):
+    """What TRL refuses (f-divergence on a loss without the margin, WPO on a sorting loss, EXO without ε, TR-DPO with
+    PEFT) and what would be ambiguous here: one line naming the keys involved."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert "\n" not in str(e.value) and all(k in str(e.value) for k in keys), str(e.value)
+
+
+def test_loss_type_takes_one_name_a_list_or_a_comma_list_and_rpo_alpha_adds_sft():
+    assert load_config(None, []).loss.types == ["sigmoid"]
+    mpo = load_config(None, ["loss.type=[sigmoid,bco_pair,sft]", "loss.weights=[0.8,0.2,1.0]"]).loss
+    assert (mpo.types, mpo.term_weights) == (["sigmoid", "bco_pair", "sft"], [0.8, 0.2, 1.0])
+    assert load_config(None, ["loss.type=sigmoid,sft"]).loss.types == ["sigmoid", "sft"]
+    rpo = load_config(None, ["loss.rpo_alpha=0.5"]).loss
+    assert (rpo.type, rpo.types, rpo.term_weights) == ("sigmoid", ["sigmoid", "sft"], [1.0, 0.5])

@@ -15,7 +15,9 @@ import train_dpo
 from conftest import free_port, run_main
 from config import load_config
 from jsonl import read_jsonl
+from dpo_loss import LOSSES
 from models import save_tiny_model
+from objectives import needs_reference
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_KEYS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
@@ -89,17 +91,82 @@ def test_sft_then_dpo_from_the_sft_model(tmp_path, tiny_dir):
         assert r["reward_chosen"] == pytest.approx(0.1 * (r["policy_chosen"] - r["ref_chosen"]), abs=1e-4)
 
 
-@pytest.mark.parametrize("loss_type, extra", [
-    ("sigmoid", ["loss.label_smoothing=0.1"]), ("robust", ["loss.label_smoothing=0.1"]), ("hinge", []),
-    ("ipo", []), ("simpo", ["loss.simpo_gamma=0.5", "loss.beta=2.0"]), ("sigmoid", ["loss.rpo_alpha=0.5"]),
-])
+EXTRA = {"exo_pair": ["loss.label_smoothing=0.01"], "robust": ["loss.label_smoothing=0.1"],
+         "simpo": ["loss.simpo_gamma=0.5", "loss.beta=2.0"]}
+VARIANTS = [("sigmoid", ["loss.label_smoothing=0.1"]), ("sigmoid", ["loss.rpo_alpha=0.5"]),
+            ("[sigmoid,bco_pair,sft]", ["loss.weights=[0.8,0.2,1.0]"]),
+            ("ipo", ["loss.f_divergence=js_divergence", "loss.wpo=true", "loss.ld_alpha=0.5"]),
+            ("hinge", ["loss.f_divergence=alpha_divergence", "loss.f_alpha=0.3"]),
+            ("[orpo,sft]", ["loss.wpo=true", "loss.ld_alpha=0.0"])]
+
+
+@pytest.mark.parametrize("loss_type, extra", [(t, EXTRA.get(t, [])) for t in LOSSES] + VARIANTS,
+                         ids=list(LOSSES) + [" ".join([t, *e]) for t, e in VARIANTS])
 def test_every_loss_type_trains(tmp_path, tiny_dir, loss_type, extra):
+    """Every objective (and the options on top) trains two steps: finite losses, each term logged as loss/<type>,
+    a reference pass exactly when an objective needs one, and parameters that moved."""
     cfg = config(tmp_path, tiny_dir, f"loss.type={loss_type}", "train.max_steps=2", *extra)
     info = run_in_process(cfg)
     assert info["status"] == "completed"
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
-    assert ("reference" in info) == (loss_type != "simpo")
+    for row in rows:
+        terms = sum(w * row[f"loss/{t}"] for t, w in zip(cfg.loss.types, cfg.loss.term_weights))
+        assert row["loss"] == pytest.approx(terms, rel=1e-5, abs=1e-6)
+    assert ("reference" in info) == needs_reference(cfg.loss.types)
+    before, after = weights(tiny_dir), weights(tmp_path / "run" / "final")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def trdpo(tmp_path, tiny_dir, name, *overrides):
+    return config(tmp_path, tiny_dir, "train.max_steps=4", "train.lr=1e-2", f"output_dir={tmp_path / name}",
+                  *overrides)
+
+
+def test_trdpo_hard_sync_resets_the_margin_and_the_cache_serves_until_then(tmp_path, tiny_dir):
+    """sync_ref_every=2, α = 1: steps 1–2 use the cached reference (the same rows as a frozen-reference run), the
+    sync after step 2 copies the policy into the reference, so step 3's rewards (computed before its update) and the
+    final eval's (after the step-4 sync) are 0: the reference really moved, no stale cache was read."""
+    frozen = run_in_process(trdpo(tmp_path, tiny_dir, "frozen"))
+    info = run_in_process(trdpo(tmp_path, tiny_dir, "moving", "loss.sync_ref_every=2", "loss.sync_ref_alpha=1.0"))
+    assert info["reference"]["syncs"] == 2 and info["reference"]["first_sync_step"] == 2
+    assert frozen["reference"]["cache"] == "miss" and info["reference"]["cache"] == "hit"  # one cache, both runs
+    moving = read_jsonl(tmp_path / "moving" / "metrics.jsonl")
+    plain = read_jsonl(tmp_path / "frozen" / "metrics.jsonl")
+    for step in (1, 2):
+        a, b = (next(r for r in rows if r["step"] == step and r["split"] == "train") for rows in (moving, plain))
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["rewards/margins"] == pytest.approx(
+            b["rewards/margins"], rel=1e-6, abs=1e-7)
+    step3 = next(r for r in moving if r["step"] == 3 and r["split"] == "train")
+    final = next(r for r in moving if r["split"] == "eval")
+    assert abs(step3["rewards/chosen"]) < 1e-5 and abs(step3["rewards/margins"]) < 1e-5
+    assert abs(final["rewards/margins"]) < 1e-5 and abs(final["kl"]) < 1e-6
+    assert abs(next(r for r in plain if r["split"] == "eval")["rewards/margins"]) > 1e-3  # the frozen one moved
+
+
+@pytest.mark.slow
+def test_trdpo_soft_sync_resumes_with_the_moved_reference(tmp_path, tiny_dir, monkeypatch):
+    """α = 0.5, sync every 2 steps, killed after step 3 (past the step-2 checkpoint, after the first sync): the
+    re-run restores the moved reference from the checkpoint and logs the uninterrupted run's losses."""
+    overrides = ("loss.sync_ref_every=2", "loss.sync_ref_alpha=0.5", "train.save_every=2")
+    run_in_process(trdpo(tmp_path, tiny_dir, "a", *overrides))
+    expected = [(r["step"], r["split"], r["loss"]) for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")]
+    real_append = train_dpo.append_jsonl
+
+    def append_then_die(path, row):
+        real_append(path, row)
+        if row["step"] == 3:
+            raise Killed()
+    monkeypatch.setattr(train_dpo, "append_jsonl", append_then_die)
+    with pytest.raises(Killed):
+        run_in_process(trdpo(tmp_path, tiny_dir, "b", *overrides))
+    monkeypatch.setattr(train_dpo, "append_jsonl", real_append)
+    info = run_in_process(trdpo(tmp_path, tiny_dir, "b", *overrides))
+    assert info["resumed_from"].endswith("step-000002") and info["reference"]["syncs"] >= 1
+    resumed = [(r["step"], r["split"], r["loss"]) for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")]
+    assert [g[:2] for g in resumed] == [w[:2] for w in expected]
+    for got, want in zip(resumed, expected):
+        assert got[2] == pytest.approx(want[2], rel=1e-5, abs=1e-7)
 
 
 def test_only_trainable_parameters_change_freeze(tmp_path, tiny_dir):
@@ -158,13 +225,15 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, tiny_dir
 
 
 def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dir, monkeypatch):
-    real_loss, calls = train_dpo.preference_loss, []
+    real_loss, calls = train_dpo.objective_terms, []
 
     def inf_on_third_call(*args, **kwargs):
-        losses, chosen, rejected = real_loss(*args, **kwargs)
+        out = real_loss(*args, **kwargs)
         calls.append(1)
-        return (losses + float("inf") if len(calls) == 3 else losses), chosen, rejected
-    monkeypatch.setattr(train_dpo, "preference_loss", inf_on_third_call)
+        if len(calls) == 3:
+            out.losses = out.losses + float("inf")
+        return out
+    monkeypatch.setattr(train_dpo, "objective_terms", inf_on_third_call)
     cfg = config(tmp_path, tiny_dir, "train.max_steps=4", "train.save_every=1")
     with pytest.raises(train_dpo.NonFiniteError, match=r"step 3: the loss is inf"):
         run_in_process(cfg)

@@ -1,7 +1,10 @@
 """The dry run end to end as a user runs it: real config, real data, real tokenizer; bad input exits 2 cleanly."""
 import json
 
+import pytest
+
 import train_dpo
+from dpo_loss import LOSSES
 from conftest import run_main
 
 
@@ -46,3 +49,17 @@ def test_bad_inputs_exit_2_with_one_clear_line(tmp_path):
         result = run(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("loss_type", list(LOSSES))
+def test_dry_run_validates_every_objective(loss_type):
+    """configs/default.yaml with loss.type=X: accepted and described (exo_pair needs loss.label_smoothing > 0 and
+    says so in one line: its refusal is checked too)."""
+    result = run("--config", "configs/default.yaml", "--dry-run", "data.max_pairs=8", f"loss.type={loss_type}")
+    if loss_type == "exo_pair":
+        assert result.returncode == 2 and "loss.label_smoothing: must be > 0 with loss.type exo_pair" in result.stderr
+        result = run("--config", "configs/default.yaml", "--dry-run", "data.max_pairs=8", "loss.type=exo_pair",
+                     "loss.label_smoothing=1e-3")
+    assert result.returncode == 0, result.stderr
+    reference = "no reference" if not LOSSES[loss_type].reference else "cached reference log-probs"
+    assert f"loss: dpo {loss_type}" in result.stdout and f"({reference})" in result.stdout
