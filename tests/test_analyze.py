@@ -482,3 +482,25 @@ def test_degenerate_answers_are_the_ones_that_loop():
     assert not stats.is_degenerate("I can't help with that, but here is what the law says about it in most places, "
                                     "and where you can read more about your rights as a tenant.")
     assert not stats.is_degenerate("Yes.")  # too short to tell
+
+
+def test_objectives_group_apart_and_are_defined_in_the_report(tmp_path):
+    """A grid over objectives: each (objective with its options) is its own group, never pooled as seeds; the
+    report defines the loss and reward of every objective it trained."""
+    s = tmp_path / "logs" / "objectives"
+    write_run(s, "sft", config("sft", loss="sft"), [{"step": 1, "split": "train", "loss": 2.0}])
+    variants = {"sigmoid": {"type": "sigmoid"}, "orpo": {"type": "orpo"},
+                "sigmoid+sft": {"type": ["sigmoid", "sft"]}, "js": {"type": "sigmoid", "f_divergence": "js_divergence"},
+                "mpo": {"type": ["sigmoid", "bco_pair", "sft"], "weights": [0.8, 0.2, 1.0]},
+                "wpo": {"type": "ipo", "wpo": True, "sync_ref_every": 8}}
+    for name, loss in variants.items():
+        cfg = config(name, 0.1, 0)
+        cfg["loss"].update(loss)
+        write_run(s, name, cfg, dpo_rows(margin=lambda k: 0.01 * k))
+    table = analyse(s, tmp_path / "report")
+    assert set(table["loss"]) == {"sft", "sigmoid", "orpo", "sigmoid+sft", "sigmoid[js_divergence]",
+                                  "0.8·sigmoid+0.2·bco_pair+sft", "ipo[wpo, tr-dpo 8/0.6]"}
+    readme = (tmp_path / "report" / "README.md").read_text()
+    for name in ("sigmoid", "orpo", "sft", "bco_pair", "ipo"):
+        assert f"- `{name}` (" in readme
+    assert "ORPO, Hong et al. 2024" in readme and "β·πc/|yc|" in readme  # ORPO's reward has no reference

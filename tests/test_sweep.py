@@ -27,7 +27,7 @@ from conftest import REPO, SWEEP, analyse_without_torch, record, run_main, sacct
 from jsonl import read_jsonl
 from slurm import jobs as job_code
 from slurm import scheduler, sweep
-from slurm.spec import grid_runs, load_sweep
+from slurm.spec import grid_runs, load_sweep, needs_reference
 from slurm.stages import Plan, Target, settle
 
 
@@ -601,3 +601,18 @@ def test_a_scheduler_that_does_not_answer_is_an_error_not_an_empty_queue(monkeyp
         cmd, 1, "", "sacct: error: Problem talking to the database: Connection refused"))
     with pytest.raises(scheduler.UserInputError, match="Connection refused.*cannot tell which jobs are still queued"):
         scheduler.slurm_states(["61"])
+
+
+def test_a_grid_over_objectives_names_runs_and_gives_references_only_where_needed(tmp_path):
+    path = write_sweep(tmp_path, "name: s\nbase: configs/tiny.yaml\ngrid:\n"
+                                 "  loss.type: [sigmoid, ipo, apo_zero, [sigmoid, sft], orpo]\n  loss.beta: [0.1]\n")
+    sweep = load_sweep(path)
+    runs = grid_runs(sweep)
+    assert [name for name, _ in runs] == ["sigmoid_beta0.1", "ipo_beta0.1", "apo-zero_beta0.1",
+                                          "sigmoid+sft_beta0.1", "orpo_beta0.1"]
+    plan = Plan(sweep, str(path))
+    jobs = {t.key: t for t in plan.targets if t.job}
+    assert jobs["sigmoid+sft_beta0.1"].config.loss.types == ["sigmoid", "sft"]
+    assert not needs_reference(jobs["orpo_beta0.1"].config)
+    referenced = {t.key for t in plan.targets if t.stage == "dpo" and any(d.stage == "reference" for d in t.deps)}
+    assert referenced == {"sigmoid_beta0.1", "ipo_beta0.1", "apo-zero_beta0.1", "sigmoid+sft_beta0.1"}
