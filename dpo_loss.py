@@ -1,4 +1,4 @@
-"""Preference objectives as pure functions of log-probabilities. Imports torch and objectives.py (their table).
+"""Preference objectives as pure functions of log-probabilities. Imports torch and nothing of the project.
 
     policy_logps = sequence_logps(logits, labels)                      # [batch]
     losses, chosen_rewards, rejected_rewards = preference_loss(
@@ -10,8 +10,8 @@
 
 Every objective TRL 1.16's DPOTrainer trains (`sigmoid` … `sigmoid_norm`, with its f-divergences, WPO weighting and
 LD-DPO, the last two computed by the caller from per-token values: `wpo_weights`, `ld_token_weights`) plus the
-reference-free `simpo`, `orpo` and `cpo`. `LOSSES` is the registry by config name; each entry says whether it needs
-a reference, whether an f-divergence applies to it, and what its implicit reward is.
+reference-free `simpo`, `orpo` and `cpo`. `LOSSES` maps each config name to its function; objectives.py (torch-free,
+for config checks, the launcher and the report) holds their papers, formulas and keys, the same names (tested).
 
 Notation: πc, πr are the policy's summed log-probabilities of the chosen and rejected responses, rc, rr the
 reference's, |yc|, |yr| their lengths in tokens; the log-ratios are ρc = πc − rc and ρr = πr − rr, and under an
@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
-from objectives import F_DIVERGENCES, SPECS, SUM_REWARD, ObjectiveSpec, needs_reference
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -141,6 +138,9 @@ class PairLogps:
         if self.chosen_tokens is None:
             return (-total.mean()).expand_as(total)
         return (-total.sum() / self.chosen_tokens.sum().clamp(min=1)).expand_as(total)
+
+
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 
 @dataclass(frozen=True)
@@ -338,26 +338,18 @@ def cpo(x, o):
     return _smoothed(o.beta * (x.chosen - x.rejected), o.label_smoothing) + x.nll()
 
 
-@dataclass(frozen=True)
-class Objective:
-    """An objective's function and its row of objectives.SPECS (paper, reference, f-divergence, reward, keys)."""
-    fn: Callable
-    spec: ObjectiveSpec
-
-    def __call__(self, x: PairLogps, o: LossOptions) -> torch.Tensor:
-        return self.fn(x, o)
-
-    def __getattr__(self, name):
-        return getattr(self.spec, name)
-
-
-LOSSES: dict[str, Objective] = {name: Objective(globals()[name], spec) for name, spec in SPECS.items()}
-"""Every objective by its config name (loss.type), in objectives.SPECS order."""
-F_DIVERGENCE_TYPES = {name for name, spec in SPECS.items() if spec.f_divergence}
-REFERENCE_FREE = {name for name, spec in SPECS.items() if not spec.reference}
-LENGTH_AVERAGED = {name for name, spec in SPECS.items() if spec.length_averaged}
+LOSSES = {name: fn for name, fn in [
+    ("sigmoid", sigmoid), ("hinge", hinge), ("ipo", ipo), ("exo_pair", exo_pair), ("nca_pair", nca_pair),
+    ("robust", robust), ("bco_pair", bco_pair), ("sppo_hard", sppo_hard), ("aot", aot), ("aot_unpaired", aot_unpaired),
+    ("apo_zero", apo_zero), ("apo_down", apo_down), ("discopop", discopop), ("sft", sft),
+    ("sigmoid_norm", sigmoid_norm), ("simpo", simpo), ("orpo", orpo), ("cpo", cpo)]}
+"""Every objective by its config name (loss.type): fn(PairLogps, LossOptions) -> per-pair losses [B]."""
+REFERENCE_FREE = {"sft", "simpo", "orpo", "cpo"}
+LENGTH_AVERAGED = {"ipo", "simpo", "sigmoid_norm", "orpo"}
 """Objectives computed on per-token mean log-probs (or log-ratios), as their authors and TRL do. objective_terms
 divides by the lengths itself; the legacy preference_loss is handed them already averaged for ipo and simpo."""
+SUMMED_REWARD = {"cpo"}
+"""Reference-free objectives whose implicit reward is β times the summed (not the mean) log-prob."""
 
 
 @dataclass
@@ -391,10 +383,10 @@ def objective_terms(x: PairLogps, types, weights=None, options: LossOptions = Lo
         terms[name] = value
         losses = losses + weight * value
     beta = options.beta
-    if needs_reference(types):
+    if any(t not in REFERENCE_FREE for t in types):
         rho_c, rho_r = x.logratios()
         chosen_rewards, rejected_rewards = beta * rho_c, beta * rho_r
-    elif SPECS[types[0]].reward == SUM_REWARD:
+    elif types[0] in SUMMED_REWARD:
         chosen_rewards, rejected_rewards = beta * x.chosen, beta * x.rejected
     else:
         pc, pr = x.averaged()

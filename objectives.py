@@ -1,5 +1,5 @@
 """What each preference objective is, without torch: the table config validation, the sweep launcher, the memory
-planner and the report read. dpo_loss.LOSSES pairs every entry with its function (same names, same order).
+planner and the report read. dpo_loss.LOSSES holds their functions under the same names (tested).
 
     from objectives import SPECS, needs_reference
     needs_reference(["sigmoid", "sft"])        # True: sigmoid compares log-ratios against the reference

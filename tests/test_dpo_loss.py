@@ -1,5 +1,6 @@
 """dpo_loss: hand-computed values, properties (hypothesis), sequence_logps against a naive loop."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,9 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from config import LOSS_TYPES
-from dpo_loss import (LOSSES, LossOptions, PairLogps, ld_token_weights, objective_terms, preference_loss,
-                      sequence_logps, wpo_weights)
-from objectives import TRL_TYPES
+from dpo_loss import (LENGTH_AVERAGED, LOSSES, REFERENCE_FREE, SUMMED_REWARD, LossOptions, PairLogps, ld_token_weights,
+                      objective_terms, preference_loss, sequence_logps, wpo_weights)
+import dpo_loss
+import objectives
+from objectives import SPECS, SUM_REWARD, TRL_TYPES
 
 
 def t(*values):
@@ -170,12 +173,16 @@ def test_apo_down_and_sft_gradients():
     assert chosen.grad.item() < 0 and rejected.grad is None
 
 
-def test_registry_is_trl_plus_reference_free():
-    assert set(LOSSES) == set(TRL_TYPES) | {"simpo", "orpo", "cpo"} and LOSS_TYPES == tuple(LOSSES)
-    assert {n for n, o in LOSSES.items() if not o.reference} == {"sft", "simpo", "orpo", "cpo"}
-    for name, objective in LOSSES.items():
-        assert "arXiv:" in objective.fn.__doc__ or name == "sigmoid_norm", name
-        assert "arXiv:" in objective.paper or name == "sigmoid_norm"
+def test_registry_is_trl_plus_reference_free_and_matches_the_table():
+    """dpo_loss (torch) and objectives (the torch-free table config and the launcher read) name the same
+    objectives in the same order and agree on which need a reference, which are length-averaged, the divergences."""
+    assert set(LOSSES) == set(TRL_TYPES) | {"simpo", "orpo", "cpo"} and LOSS_TYPES == tuple(LOSSES) == tuple(SPECS)
+    assert REFERENCE_FREE == {n for n, spec in SPECS.items() if not spec.reference} == {"sft", "simpo", "orpo", "cpo"}
+    assert LENGTH_AVERAGED == {n for n, spec in SPECS.items() if spec.length_averaged}
+    assert SUMMED_REWARD == {n for n, spec in SPECS.items() if spec.reward == SUM_REWARD}
+    assert dpo_loss.F_DIVERGENCES == objectives.F_DIVERGENCES
+    for name, fn in LOSSES.items():
+        assert "arXiv:" in fn.__doc__ and "arXiv:" in SPECS[name].paper, name
 
 
 def naive_logps(logits, labels, average=False):
@@ -223,3 +230,11 @@ def test_sequence_logps_bf16_logits_computed_in_fp32():
     out = sequence_logps(logits.bfloat16(), labels)
     assert out.dtype == torch.float32
     assert torch.allclose(out, sequence_logps(logits.bfloat16().float(), labels))
+
+
+def test_the_training_page_lists_every_objective_with_paper_and_reference():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    for name, spec in SPECS.items():
+        row = next((line for line in page.splitlines() if line.startswith(f"| `{name}` |")), None)
+        assert row is not None, name
+        assert spec.paper in row and ("| yes |" if spec.reference else "| **no** |") in row

@@ -262,3 +262,19 @@ def test_command_lines_as_documented():
     assert trainer.returncode == 0 and "fits h100-80gb: yes" in trainer.stdout, trainer.stderr
     bad = run_main(train_dpo.main, "--config", MISTRAL, "--plan", "--gpu", "x100")
     assert bad.returncode == 2 and bad.stderr.startswith("error: unknown GPU")
+
+
+def test_the_planner_knows_which_objectives_need_a_reference():
+    """Cached reference: no reference memory in training; reference-free objectives: no precompute job either;
+    TR-DPO: a resident copy of the weights (its forward runs before the policy's, so no extra activations)."""
+    base = load_config(REPO / "configs" / "gpt2.yaml")
+    shape = memory.model_shape(base.model.path)
+    cached = memory.estimate(base, 1, gpu="h100-80gb", shape=shape)
+    orpo = memory.estimate(load_config(REPO / "configs" / "gpt2.yaml", ["loss.type=orpo"]), 1, shape=shape)
+    moving = memory.estimate(load_config(REPO / "configs" / "gpt2.yaml", ["loss.sync_ref_every=8"]), 1, shape=shape)
+    assert cached.components["reference"] == orpo.components["reference"] == 0
+    weight = memory.precision(base, None).weight
+    assert moving.components["reference"] == pytest.approx(shape.parameters() * weight / memory.GIB)
+    assert moving.total_gib == pytest.approx(cached.total_gib + moving.components["reference"])
+    lines = "\n".join(plan.plan_lines(load_config(REPO / "configs" / "gpt2.yaml", ["loss.type=simpo"])))
+    assert "precompute-ref job: none (loss.type is reference-free)" in lines

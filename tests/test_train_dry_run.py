@@ -5,6 +5,7 @@ import pytest
 
 import train_dpo
 from dpo_loss import LOSSES
+from objectives import SPECS
 from conftest import run_main
 
 
@@ -61,5 +62,5 @@ def test_dry_run_validates_every_objective(loss_type):
         result = run("--config", "configs/default.yaml", "--dry-run", "data.max_pairs=8", "loss.type=exo_pair",
                      "loss.label_smoothing=1e-3")
     assert result.returncode == 0, result.stderr
-    reference = "no reference" if not LOSSES[loss_type].reference else "cached reference log-probs"
+    reference = "cached reference log-probs" if SPECS[loss_type].reference else "no reference"
     assert f"loss: dpo {loss_type}" in result.stdout and f"({reference})" in result.stdout
