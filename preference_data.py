@@ -296,7 +296,7 @@ def _pair_from_columns(record: dict, where: str) -> tuple[list[dict], str, str]:
 _NORMALISERS = {"hh": _pair_from_hh, "pairs": _pair_from_columns, "messages": _pair_from_messages}
 
 
-def detect_format(record: dict, where: str) -> str:
+def detect_format(record: dict, where: str, hint: str = "") -> str:
     """Guess the format from the first record's fields (after the column mapping)."""
     if "input" in record and "preferred_output" in record:
         return "messages"
@@ -308,18 +308,18 @@ def detect_format(record: dict, where: str) -> str:
         return "hh"
     raise DataError(
         f"{where}: cannot tell the data format from fields {sorted(record)}; expected HH dialogues (chosen/rejected), "
-        f"prompt/chosen/rejected columns, or chat messages. Set data.format and data.columns "
-        f"(e.g. data.columns='{{prompt: question, chosen: good, rejected: bad}}')"
+        f"prompt/chosen/rejected columns, or chat messages. " + (hint or "Set data.format and data.columns "
+        "(e.g. data.columns='{prompt: question, chosen: good, rejected: bad}')")
     )
 
 
-def _apply_columns(record: dict, columns: dict[str, str], where: str) -> dict:
+def _apply_columns(record: dict, columns: dict[str, str], where: str, option: str = "data.columns.") -> dict:
     if not columns:
         return record
     out = dict(record)
     for target, source in columns.items():
         if source not in record:
-            raise DataError(f"{where}: data.columns.{target}={source!r} names a column that is not there; "
+            raise DataError(f"{where}: {option}{target}={source!r} names a column that is not there; "
                             f"the record has {sorted(record)}")
         out[target] = record[source]
     return out
@@ -345,6 +345,120 @@ def _normalise(record: dict, fmt: str, where: str, pair_id: str) -> PreferencePa
         id=pair_id, prompt=tuple(prompt), chosen=chosen, rejected=rejected,
         score_chosen=_score(record, "score_chosen", where), score_rejected=_score(record, "score_rejected", where),
     )
+
+
+# ---------------------------------------------------------------- human-labelled pairs (the judge's calibration)
+
+
+@dataclass(frozen=True)
+class LabelledPair:
+    """Two answers to one prompt and which one a human preferred: what judge.py measures a judge against."""
+    id: str
+    """`<file name>#<record number>`."""
+    prompt: tuple
+    """The history both answers share, ({"role", "content"}, ...) ending with a user turn."""
+    response_a: str
+    response_b: str
+    label: str
+    """"A" (response_a preferred), "B" or "tie"."""
+    rest_a: tuple = ()
+    """MT-Bench second turns: what came between the shared history and response_a (its first answer, the follow-up)."""
+    rest_b: tuple = ()
+    where: str = ""
+
+
+LABEL_FIELDS = ("prompt", "chosen", "rejected", "response_a", "response_b", "label", "conversation_a",
+                "conversation_b", "winner", "turn")
+_LABELS = {"a": "A", "1": "A", "b": "B", "2": "B", "tie": "tie", "c": "tie"}
+_WINNERS = {"model_a": "A", "model_b": "B", "tie": "tie", "tie (bothbad)": "tie"}
+
+
+def _label(record: dict, where: str) -> str:
+    value = record.get("label")
+    text = str(value).strip().lower() if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+    if text not in _LABELS:
+        raise BadRecord("bad_label", f"{where}: field 'label' must be A, B or tie (or 1, 2: which response is "
+                                     f"better); got {value!r}")
+    return _LABELS[text]
+
+
+def _turn_of(conversation, where: str, key: str, turn: int) -> tuple[list, str]:
+    """(history before the answer, the answer) of an MT-Bench conversation at `turn` (1 or 2)."""
+    messages = _messages(conversation, where, key)
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if len(answers) < turn:
+        raise BadRecord("missing_field", f"{where}: {key} has {len(answers)} assistant turn(s), turn {turn} asked")
+    end = answers[turn - 1]
+    if not messages[end]["content"].strip():
+        raise BadRecord("empty_field", f"{where}: {key} has an empty assistant message at turn {turn}")
+    return messages[:end], messages[end]["content"]
+
+
+def _labelled_from(record: dict, where: str, pair_id: str) -> LabelledPair:
+    if "conversation_a" in record or "conversation_b" in record:  # MT-Bench human judgments
+        winner = str(record.get("winner", "")).strip().lower()
+        if winner not in _WINNERS:
+            raise BadRecord("bad_label", f"{where}: field 'winner' must be model_a, model_b, tie or tie (bothbad); "
+                                         f"got {record.get('winner')!r}")
+        turn = record.get("turn", 1)
+        if str(turn) not in ("1", "2"):
+            raise BadRecord("wrong_type", f"{where}: field 'turn' must be 1 or 2; got {turn!r}")
+        history_a, response_a = _turn_of(record.get("conversation_a"), where, "conversation_a", int(turn))
+        history_b, response_b = _turn_of(record.get("conversation_b"), where, "conversation_b", int(turn))
+        shared = 0
+        while shared < min(len(history_a), len(history_b)) and history_a[shared] == history_b[shared]:
+            shared += 1
+        if not shared or history_a[0]["role"] == "assistant":
+            raise BadRecord("prompt_mismatch", f"{where}: conversation_a and conversation_b do not start with the same "
+                                               f"user question")
+        while history_a[shared - 1]["role"] != "user":  # the shared part ends at a question
+            shared -= 1
+        return LabelledPair(pair_id, tuple(history_a[:shared]), response_a, response_b, _WINNERS[winner],
+                            tuple(history_a[shared:]), tuple(history_b[shared:]), where)
+    if "response_a" in record or "response_b" in record:  # the explicit form, ties allowed
+        prompt = record.get("prompt")
+        prompt = _messages(prompt, where, "prompt") if isinstance(prompt, list) else \
+            [{"role": "user", "content": _text(record, "prompt", where)}]
+        label = _label(record, where)
+        response_a, response_b = _text(record, "response_a", where), _text(record, "response_b", where)
+        if prompt[-1]["role"] != "user":
+            raise BadRecord("wrong_type", f"{where}: the prompt's last message should come from the user")
+        if response_a.strip() == response_b.strip():
+            raise BadRecord("identical_responses", f"{where}: response_a and response_b are identical")
+        return LabelledPair(pair_id, tuple(prompt), response_a, response_b, label, where=where)
+    hint = ("Map the file's columns after its name, e.g. pairs:FILE:prompt=question,chosen=good,rejected=bad, or "
+            "use {prompt, response_a, response_b, label}")
+    pair = _normalise(record, detect_format(record, where, hint), where, pair_id)  # chosen/rejected: training's
+    return LabelledPair(pair_id, pair.prompt, pair.chosen, pair.rejected, "A", where=where)
+
+
+def load_labelled_pairs(path: str, columns: dict[str, str] | None = None) -> list[LabelledPair]:
+    """Every record of a local file of human preferences, in the formats users have: the training formats (HH
+    dialogues, prompt/chosen/rejected, TRL's conversational pairs, the OpenAI DPO schema: chosen is preferred),
+    {prompt, response_a, response_b, label} with label A, B or tie (1, 2: LLMBar's), and MT-Bench's human judgments
+    (question_id, model_a, model_b, winner, conversation_a/b, turn), in jsonl(.gz), json, csv or parquet; `columns`
+    maps these field names to the file's (as data.columns does for training). The first bad record raises DataError
+    naming the file and line."""
+    columns = columns or {}
+    for key in columns:
+        if key not in LABEL_FIELDS:
+            raise DataError(f"{path}: column mapping {key}=...: {key!r} is not a field; map one of "
+                            f"{', '.join(LABEL_FIELDS)}")
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise DataError(f"{path}: no such file")
+    pairs = []
+    for index, (where, record) in enumerate(read_records(DataConfig(path=str(file)))):
+        try:
+            if isinstance(record, BadRecord):
+                raise record
+            record = _apply_columns(record, columns, where, "the column mapping ")
+            pairs.append(_labelled_from(record, where, f"{file.name}#{index}"))
+        except BadRecord as bad:
+            raise DataError(str(bad)) from None
+    if not pairs:
+        raise DataError(f"{path}: no labelled pairs in the file")
+    return pairs
 
 
 # ---------------------------------------------------------------- filter and split
