@@ -10,6 +10,7 @@ Light on purpose (no torch): the launcher and the planner read sweep files witho
 """
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 
 from config import ArgsError, check_choices
@@ -107,9 +108,10 @@ class JudgeArgs(EngineArgs):
     """generate.py answers of the model judged (a DPO run)."""
     baseline: str = ""
     """generate.py answers it is compared with (the SFT model)."""
-    judge_model: str
-    """Judge checkpoint folder or hub id (its tokenizer is used with every engine)."""
-    out: str
+    judge_model: list[str] = field(default_factory=list, metadata={"metavar": "MODEL"})
+    """Judge checkpoint folder or hub id (its tokenizer is used with every engine); several: a panel, each judge
+    judged and cached on its own and combined by --panel-combine."""
+    out: str = ""
     """JSONL file the verdicts are appended to; the summary goes beside it."""
     engine: str = field(default="auto", metadata={"choices": ("auto", "vllm", "hf", "openai")})
     """auto: openai with --base-url, else vLLM where it imports, else hf."""
@@ -129,8 +131,11 @@ class JudgeArgs(EngineArgs):
     """random: one seeded position draw per pair; both: each pair in both orders, disagreement a tie."""
     seed: int = 0
     """Position draws, --limit subsets, retry sampling, bootstrap."""
-    template: str = field(default="hh-v1", metadata={"choices": JUDGE_TEMPLATES})
-    """The judge's prompt: hh-v1 (helpful and harmless) or mt-bench-v2 (FastChat's pairwise prompt)."""
+    template: list[str] = field(default_factory=lambda: ["hh-v1"], metadata={"metavar": "TEMPLATE"})
+    """The judge's prompt: hh-v1 (helpful and harmless) or mt-bench-v2 (FastChat's pairwise prompt); with a panel,
+    one per judge, or one for all (the same model twice under two templates is a panel of two)."""
+    panel_combine: str = field(default="mean", metadata={"choices": ("mean", "majority")})
+    """A panel's verdict: mean (of the judges' probabilities; a vote in generate mode) or majority (of verdicts)."""
     mode: str = field(default="choice", metadata={"choices": ("choice", "generate")})
     """choice: the judge's probabilities of [[A]]/[[B]]/[[C]]; generate: an explanation, then the last [[X]]."""
     max_new_tokens: int = 1024
@@ -148,26 +153,79 @@ class JudgeArgs(EngineArgs):
     baseline_sampling: str = ""
     """sampling_hash to take from --baseline (default: the newest)."""
     calibrate: list[str] | None = field(default=None, metadata={"nargs": "*", "metavar": "SET"})
-    """Also judge human-labelled pairs: llmbar:Natural, llmbar:Adversarial, heldout[:<config>] (none named: all
-    three)."""
+    """Also judge human-labelled pairs: llmbar:Natural, llmbar:Adversarial, heldout[:<config>], or a file of your
+    own, pairs:FILE[:prompt=COL,chosen=COL,...] (none named: the first three)."""
     calibration_limit: int = 0
     """A seeded subset of this many pairs per calibration set (0 = all)."""
     calibration: str = ""
     """A --calibrate run's summary.json to report beside the win rate."""
+    probe_injection: bool = False
+    """Also judge --injection-limit of the pairs with each prompt injection of judge.INJECTIONS appended to the
+    candidate's answer, and report the share of verdicts that flipped."""
+    injection_limit: int = 16
+    """Pairs (a seeded subset) --probe-injection injects into."""
+    plan_prompts: list[str] | None = field(default=None, metadata={"nargs": "*", "metavar": "VERDICTS"})
+    """Judge nothing: print how many prompts tell each run from its baseline and runs from each other (80% power,
+    α = 0.05), from the per-prompt spread of these verdict files (none named: --out's)."""
+
+    LAUNCHER_SETS_OUT: typing.ClassVar[bool] = False
+    """A sweep's judge: section (slurm/spec.py) has no --out of its own: the launcher sets one per job."""
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.judge_model, str):  # a sweep file's `judge_model: X`
+            self.judge_model = [self.judge_model]
+        if isinstance(self.template, str):
+            self.template = [self.template]
+        for name in self.template:
+            if name not in JUDGE_TEMPLATES:
+                raise ArgsError(f"argument --template: invalid choice: {name!r} (choose from "
+                                f"{', '.join(map(repr, JUDGE_TEMPLATES))})")
+        if self.plan_prompts is not None:
+            if not self.plan_prompts and not self.out:
+                raise ArgsError("--plan-prompts: name verdict files, or --out")
+            return
+        if not self.judge_model:
+            raise ArgsError("the following arguments are required: --judge-model")
+        if not self.out and not self.LAUNCHER_SETS_OUT:
+            raise ArgsError("the following arguments are required: --out")
+        if len(self.template) > 1 and len(self.judge_model) > 1 and len(self.template) != len(self.judge_model):
+            raise ArgsError(f"--template: {len(self.template)} templates for {len(self.judge_model)} judges; give one "
+                            f"per judge, or one for all")
+        members = panel_members(self.judge_model, self.template)
+        if len(set(members)) != len(members):
+            raise ArgsError(f"--judge-model/--template: the panel names a judge twice: {members}")
         if bool(self.candidate) != bool(self.baseline):
             raise ArgsError("--candidate and --baseline go together")
         if not self.candidate and self.calibrate is None:
             raise ArgsError("nothing to judge: give --candidate and --baseline, or --calibrate")
+        if self.probe_injection and not self.candidate:
+            raise ArgsError("--probe-injection injects into the candidate's answers: give --candidate and --baseline")
         for name, ok, rule in (("concurrency", self.concurrency >= 1, ">= 1"),
                                ("request-retries", self.request_retries >= 0, ">= 0"),
                                ("request-timeout", self.request_timeout > 0, "> 0"),
                                ("max-new-tokens", self.max_new_tokens >= 1, ">= 1"), ("retries", self.retries >= 0, ">= 0"),
                                ("retry-temperature", self.retry_temperature > 0, "> 0"), ("limit", self.limit >= 0, ">= 0"),
-                               ("calibration-limit", self.calibration_limit >= 0, ">= 0")):
+                               ("calibration-limit", self.calibration_limit >= 0, ">= 0"),
+                               ("injection-limit", self.injection_limit >= 1, ">= 1")):
             if not ok:
                 raise ArgsError(f"--{name} must be {rule}")
         if self.base_url and self.engine not in ("auto", "openai"):
             raise ArgsError(f"--base-url goes with --engine openai, not {self.engine}")
+
+
+def panel_members(models: list[str], templates: list[str]) -> list[tuple[str, str]]:
+    """(judge model, template) of each judge: one template for all, or one each."""
+    if len(templates) == 1:
+        return [(m, templates[0]) for m in models]
+    if len(models) == 1:
+        return [(models[0], t) for t in templates]
+    return list(zip(models, templates))
+
+
+def pairs_file(spec: str) -> tuple[str, str]:
+    """(file, column mapping text) of a `pairs:FILE[:prompt=COL,chosen=COL,...]` calibration set."""
+    path, sep, mapping = spec[len("pairs:"):].rpartition(":")
+    if not sep or "=" not in mapping or "/" in mapping:
+        return spec[len("pairs:"):], ""
+    return path, mapping

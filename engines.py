@@ -151,6 +151,12 @@ class HFEngine:
             on_done(len(prompts))
         return answers
 
+    def close(self) -> None:
+        """Let the weights go (a judge panel loads the next model after this one)."""
+        self.model = None
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
     def choice(self, prompts: list[list[int]], token_ids: list[int]) -> list[list[float]]:
         """Log-probabilities of `token_ids` as the next token after each prompt."""
         ids, mask = left_pad(prompts, self.pad, self.device)
@@ -259,6 +265,14 @@ class VLLMEngine:
                                     lora_request=self.lora_request)
         return [Completion(o.outputs[0].text, len(o.outputs[0].token_ids), o.outputs[0].finish_reason,
                            len(o.prompt_token_ids)) for o in outputs]
+
+    def close(self) -> None:
+        """Shut the engine core down: its process (VLLM::EngineCore) holds the model's memory and would otherwise
+        outlive this engine (a panel starts the next judge's engine after this)."""
+        engine_core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
+        self.llm = None
 
     def choice(self, prompts: list[list[int]], token_ids: list[int]) -> list[list[float]]:
         # logprob_token_ids: the full-vocabulary log-probs of exactly these tokens (vLLM's default raw_logprobs mode)
@@ -398,3 +412,7 @@ class KeyedJsonl:
         append_jsonl(self.path, row)
         self.rows.append(row)
         self.done[row["key"]] = row
+
+    def close(self) -> None:
+        """Let another writer have the file (a process's exit does the same)."""
+        self._lock.close()

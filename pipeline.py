@@ -75,7 +75,7 @@ def local_models(sweep: Sweep, jobs) -> list[tuple[str, str]]:
     for job in (j for j in jobs if j.kind == "sft"):
         named += [(job.config.model.path, f"{sweep.base}: model.path"),
                   (job.config.model.tokenizer, f"{sweep.base}: model.tokenizer")]
-    named.append((sweep.judge.judge_model, "judge.judge_model"))
+    named += [(model, "judge.judge_model") for model in sweep.judge.judge_model]  # a panel: every judge
     seen, out = set(), []
     for path, key in named:
         if path and is_local(path) and path not in seen:

@@ -136,10 +136,15 @@ class JudgeStage(JudgeArgs):
     """judge.py's arguments for the sweep's calibration and comparisons: any JudgeArgs field; --candidate,
     --baseline, --out and --calibration are the launcher's."""
 
-    judge_model: str = "meta-llama/Meta-Llama-3-8B-Instruct"
+    LAUNCHER_SETS_OUT: typing.ClassVar[bool] = True
+    judge_model: str | list[str] = "meta-llama/Meta-Llama-3-8B-Instruct"
     out: str = ""
     calibrate: list[str] = field(default_factory=lambda: ["llmbar:Natural", "llmbar:Adversarial", "heldout"])
-    """Human-labelled sets the judge is measured on once per sweep ([] = none); heldout = the sweep's held-out pairs."""
+    """Human-labelled sets the judge is measured on once per sweep ([] = none); heldout = the sweep's held-out pairs;
+    pairs:FILE[:prompt=COL,...] a file of your own (relative to where the sweep is launched)."""
+    panel: list[dict[str, str]] = field(default_factory=list)
+    """Several judges, each {judge_model: ..., template: ...} (template optional: judge.template), judged and cached
+    on their own and combined by panel_combine; instead of judge_model."""
     args: list[str] = field(default_factory=list)
     """Further judge.py flags as on its command line, e.g. [--base-url, http://judge-node:8000/v1]."""
     slurm: dict[str, typing.Any] = field(default_factory=dict)
@@ -148,6 +153,17 @@ class JudgeStage(JudgeArgs):
     def __post_init__(self):
         for key in ("candidate", "baseline", "out", "calibration"):
             require(not getattr(self, key), f"judge.{key}", "is set by the launcher for each job")
+        if self.panel:
+            default = JudgeStage.__dataclass_fields__["judge_model"].default
+            require(self.judge_model in (default, [default]), "judge.panel", "names the judges: leave judge.judge_model out")
+            templates = self.template if isinstance(self.template, list) else [self.template]
+            for i, member in enumerate(self.panel):
+                unknown = sorted(set(member) - {"judge_model", "template"})
+                require(not unknown, f"judge.panel[{i}].{unknown[0] if unknown else ''}",
+                        "is not a panel key (judge_model, template)")
+                require(bool(member.get("judge_model")), f"judge.panel[{i}].judge_model", "names no judge")
+            self.judge_model = [m["judge_model"] for m in self.panel]
+            self.template = [m.get("template") or templates[0] for m in self.panel]
         try:
             super().__post_init__()
         except ArgsError as e:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from arguments import pairs_file
 from config import Config, UserInputError, to_argv, to_dict, to_yaml
 from jsonl import read_jsonl, summary_path
 from slurm import jobs as J
@@ -356,13 +357,15 @@ class Judging(Stage):
     def plan(self, plan: Plan) -> list[Target]:
         sweep, folder = plan.sweep, plan.out / "judgments"
         heldout = f"heldout:{plan.heldout()[0]}"
-        calibrate = [heldout if c == "heldout" else c for c in sweep.judge.calibrate]
+        calibrate = [heldout if c == "heldout" else labelled_file(c) if c.startswith("pairs:") else c
+                     for c in sweep.judge.calibrate]
         targets, calibration = [], None
         if calibrate:
             out = folder / "calibration.jsonl"
             args = judge_args(sweep, plan.file, out, calibrate=calibrate)
+            files = [pairs_file(c)[0] for c in calibrate if c.startswith("pairs:")]  # a changed file: judged again
             calibration = Target(self.name, "judge/calibration", "calibration", out, self._spec("judge/calibration",
-                                                                                                args, []), [])
+                                                                                                args, files), [])
             targets.append(calibration)
         answers = {t.name: t for t in plan.stage("generate")}
         sft = answers["sft"]
@@ -397,7 +400,7 @@ class Judging(Stage):
         return f"judging {t.name}"
 
     def announce(self, plan: Plan, targets: list[Target]) -> str:
-        return f"sweep {plan.sweep.name}: judge {plan.sweep.judge.judge_model} on {len(targets)} target(s) in " \
+        return f"sweep {plan.sweep.name}: judge {', '.join(plan.sweep.judge.judge_model)} on {len(targets)} target(s) in " \
                f"{plan.out / 'judgments'}/"
 
     def submitted_line(self, group: list[Target], job_id: str, after: list[str]) -> str:
@@ -415,6 +418,12 @@ class Judging(Stage):
                 "done": "yes" if t.state == "completed" else "no", "win_rate": _fmt(s.get("win_rate")),
                 "ci_low": _fmt(ci[0]), "ci_high": _fmt(ci[1]), "errors": s.get("errors", "-"),
                 "agreement": _fmt(cal.get("agreement")), "file": t.out}
+
+
+def labelled_file(spec: str) -> str:
+    """pairs:FILE[:mapping] with FILE made absolute from where the sweep is launched (the jobs run elsewhere)."""
+    path, mapping = pairs_file(spec)
+    return f"pairs:{Path(path).expanduser().resolve()}" + (f":{mapping}" if mapping else "")
 
 
 def judged_line(out: Path) -> str:

@@ -470,13 +470,32 @@ def assert_close_to(rows: list[dict], reference: dict, engine: str) -> None:
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_vllm_offline_judge_agrees_with_hf(tmp_path, default_model_dir, answers, hf_reference):
+def test_vllm_offline_judge_agrees_with_hf(tmp_path, default_model_dir, answers, hf_reference, hf_panel,
+                                           labelled_files):
+    """vLLM offline: the plain judge's log-probs equal HF's; then the same panel, calibration files and injection
+    probe as the HF panel test, in a process of its own: one engine for the two templates, and the same numbers."""
     candidate, baseline = answers
     out = tmp_path / "v.jsonl"
     log = ok(run_script("judge.py", "--candidate", candidate, "--baseline", baseline, "--judge-model",
                         default_model_dir, "--out", out, "--engine", "vllm", "--order", "both"))
     assert "starting the vllm engine" in log
     assert_close_to(read_jsonl(out), hf_reference, "vllm")
+    argv, hf_out, _ = hf_panel
+    panel_out = tmp_path / "panel.jsonl"
+    argv = [a if a != hf_out else panel_out for a in argv]
+    log = ok(run_script("judge.py", *[a if a != "hf" else "vllm" for a in argv]))
+    assert log.count("starting the vllm engine") == 1, "two templates of one model: one engine"
+    hf_rows = {r["key"]: r for r in read_jsonl(hf_out)}
+    rows = read_jsonl(panel_out)
+    assert {r["key"] for r in rows} == set(hf_rows) and {r["engine"] for r in rows} == {"vllm"}
+    for r in rows:
+        ref = hf_rows[r["key"]]["logprobs"]
+        assert max(abs(r["logprobs"][k] - ref[k]) for k in "ABC") < 0.05, (r["logprobs"], ref)
+    vllm_summary, hf_summary = summary(panel_out), summary(hf_out)
+    for key in ("debiased_win_rate", "weighted_win_rate"):
+        assert vllm_summary[key] == pytest.approx(hf_summary[key], abs=0.02), key
+    assert vllm_summary["calibration"]["pairs"] == hf_summary["calibration"]["pairs"] == 7
+    assert set(vllm_summary["injection"]["kinds"]) == set(judge.INJECTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -532,3 +551,344 @@ def test_no_server_at_the_url_is_a_clear_error(tmp_path, default_model_dir, answ
                        tmp_path / "v.jsonl", "--base-url", f"http://127.0.0.1:{free_port()}/v1", "--request-timeout", "5")
     assert result.returncode == 2 and "no OpenAI-compatible server answers there" in result.stderr.splitlines()[-1]
     assert not (tmp_path / "v.jsonl").exists() or not read_jsonl(tmp_path / "v.jsonl"), "nothing written"
+
+
+# ---------------------------------------------------------------- calibration on any human-labelled file
+
+
+def write_lines(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def mt_bench_judgment(q, winner, turn, judge_name="author_0"):
+    """A record in the layout of lmsys/mt_bench_human_judgments (the HF dataset's fields)."""
+    def conversation(tag):
+        return [{"role": "user", "content": q["turns"][0]}, {"role": "assistant", "content": f"first answer {tag}"},
+                {"role": "user", "content": q["turns"][1]}, {"role": "assistant", "content": f"second answer {tag}"}]
+    return {"question_id": q["question_id"], "model_a": "gpt-4", "model_b": "llama-13b", "winner": winner,
+            "judge": judge_name, "conversation_a": conversation("a"), "conversation_b": conversation("b"), "turn": turn}
+
+
+@pytest.fixture(scope="module")
+def labelled_files(tmp_path_factory):
+    """One small human-labelled file per format users have."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path_factory.mktemp("labelled")
+    q = QUESTIONS
+    explicit = write_lines(d / "explicit.jsonl", [
+        {"prompt": q[0]["turns"][0], "response_a": "A detailed answer.", "response_b": "No.", "label": "A"},
+        {"prompt": q[1]["turns"][0], "response_a": "Wrong.", "response_b": "Right, because...", "label": "B"},
+        {"prompt": q[2]["turns"][0], "response_a": "One way.", "response_b": "Another way.", "label": "tie"},
+        {"prompt": [{"role": "user", "content": q[3]["turns"][0]}], "response_a": "x1", "response_b": "y2", "label": 2}])
+    with open(d / "labels.csv", "w", newline="") as fh:
+        fh.write("question,good,bad\n")
+        for i in range(3):
+            fh.write(f"\"{q[i]['turns'][0]}\",\"Good answer {i}, with a comma\",bad {i}\n")
+    mt = write_lines(d / "mt_bench_human.jsonl", [mt_bench_judgment(q[0], "model_a", 1),
+                                                  mt_bench_judgment(q[1], "model_b", 2),
+                                                  mt_bench_judgment(q[2], "tie (bothbad)", 1)])
+    trl = write_lines(d / "trl.jsonl", [
+        {"prompt": [{"role": "user", "content": q[0]["turns"][0]}], "chosen": [{"role": "assistant", "content": "c0"}],
+         "rejected": [{"role": "assistant", "content": "r0"}]},
+        {"chosen": [{"role": "user", "content": q[1]["turns"][0]}, {"role": "assistant", "content": "c1"}],
+         "rejected": [{"role": "user", "content": q[1]["turns"][0]}, {"role": "assistant", "content": "r1"}]}])
+    pq.write_table(pa.Table.from_pylist([{"prompt": q[i]["turns"][0], "chosen": f"c{i}", "rejected": f"r{i}"}
+                                         for i in range(2)]), d / "pairs.parquet")
+    with gzip.open(d / "hh.jsonl.gz", "wt") as fh:
+        fh.write(json.dumps({"chosen": "\n\nHuman: Hi?\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi?\n\nAssistant: Go away."}) + "\n")
+    return {"explicit": explicit, "csv": d / "labels.csv", "mt": mt, "trl": trl, "parquet": d / "pairs.parquet",
+            "hh": d / "hh.jsonl.gz"}
+
+
+def test_calibration_reads_every_labelled_format(labelled_files):
+    f = labelled_files
+    specs = [f"pairs:{f['explicit']}", f"pairs:{f['csv']}:prompt=question,chosen=good,rejected=bad", f"pairs:{f['mt']}",
+             f"pairs:{f['trl']}", f"pairs:{f['parquet']}", f"pairs:{f['hh']}"]
+    pairs = judge.calibration_pairs(specs, None, 0, 0, lambda m: None)
+    by_set = {s: [p for p in pairs if p.set == s] for s in specs}
+    explicit = by_set[specs[0]]
+    assert [p.human for p in explicit] == ["candidate", "baseline", "tie", "baseline"], "A, B, tie and LLMBar's 2"
+    assert explicit[0].question == QUESTIONS[0]["turns"][0] and explicit[0].candidate == "A detailed answer."
+    csv_pairs = by_set[specs[1]]
+    assert [p.candidate for p in csv_pairs] == [f"Good answer {i}, with a comma" for i in range(3)]
+    assert {p.human for p in csv_pairs} == {"candidate"}, "chosen is what the human preferred"
+    first, second, tied = by_set[specs[2]]
+    assert first.question == QUESTIONS[0]["turns"][0] and first.candidate == "first answer a"
+    assert first.human == "candidate" and second.human == "baseline" and tied.human == "tie"
+    assert second.question == QUESTIONS[1]["turns"][0], "turn 2: the shared history is the first question"
+    assert second.candidate == f"Assistant: first answer a\n\nUser: {QUESTIONS[1]['turns'][1]}\n\nAssistant: second answer a"
+    assert [p.candidate for p in by_set[specs[3]]] == ["c0", "c1"], "TRL pairs, explicit and implicit prompt"
+    assert [p.baseline for p in by_set[specs[4]]] == ["r0", "r1"]
+    assert by_set[specs[5]][0].question == "Hi?" and by_set[specs[5]][0].candidate == "Hello!"
+    assert len({p.id for p in pairs}) == len(pairs) == 4 + 3 + 3 + 2 + 2 + 1
+
+
+def test_bad_calibration_files_are_one_line_errors(tmp_path, default_model_dir, labelled_files):
+    q = QUESTIONS[0]["turns"][0]
+    def lines(name, *rows):
+        return write_lines(tmp_path / name, rows)
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps({"prompt": q, "response_a": "a", "response_b": "b", "label": "A"}) + "\n{oops\n")
+    not_parquet = tmp_path / "fake.parquet"
+    not_parquet.write_text("not parquet at all")
+    cases = [
+        (lines("nolabel.jsonl", {"prompt": q, "response_a": "a", "response_b": "b"}),
+         r"nolabel.jsonl:1: field 'label' must be A, B or tie"),
+        (lines("label.jsonl", {"prompt": q, "response_a": "a", "response_b": "b", "label": "A"},
+               {"prompt": q, "response_a": "a", "response_b": "b", "label": "maybe"}), r"label.jsonl:2: field 'label'"),
+        (lines("winner.jsonl", {**mt_bench_judgment(QUESTIONS[0], "model_c", 1)}), r"winner.jsonl:1: field 'winner'"),
+        (lines("turn.jsonl", {**mt_bench_judgment(QUESTIONS[0], "tie", 3)}), r"turn.jsonl:1: field 'turn' must be 1 or 2"),
+        (lines("same.jsonl", {"prompt": q, "response_a": "same", "response_b": "same", "label": "A"}),
+         r"same.jsonl:1: response_a and response_b are identical"),
+        (lines("what.jsonl", {"question": q, "good": "g", "bad": "b"}), r"what.jsonl:1: cannot tell the data format"),
+        (broken, r"broken.jsonl:2: malformed JSON"),
+        (not_parquet, r"fake.parquet: cannot read parquet"),
+        (tmp_path / "missing.jsonl", r"missing.jsonl: no such file"),
+        (tmp_path, r"is a folder"),
+    ]
+    specs = [(f"pairs:{path}", message) for path, message in cases] + [
+        (f"pairs:{labelled_files['csv']}:prompt=nope,chosen=good,rejected=bad", r"labels.csv:2: the column mapping "
+                                                                               r"prompt='nope' names a column"),
+        (f"pairs:{labelled_files['csv']}:answer=good", r"'answer' is not a field"),
+        (f"pairs:{labelled_files['csv']}:prompt=,chosen=good", r"should read field=column"),
+    ]
+    out = tmp_path / "v.jsonl"
+    for spec, message in specs:
+        result = run_judge("--judge-model", default_model_dir, "--out", out, "--calibrate", spec)
+        lines_out = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert len(lines_out) == 1 and re.search(message, lines_out[0]), (message, lines_out)
+        assert not out.exists() or not out.read_text(), "nothing judged, nothing written"
+
+
+def cal_row(position, verdict, p=None):
+    row = {"candidate_position": position, "verdict": verdict, "winner": stats.unswap(verdict, position)}
+    if p:
+        row.update(p_a=p[0], p_b=p[1], p_tie=p[2])
+    return row
+
+
+def test_calibration_statistics_by_hand():
+    """Four pairs in both orders (first the order the draw chose), lengths in characters:
+    P1 human candidate, 10 vs 20 chars: A-first verdict A (.7/.2/.1), B-first verdict A (.6/.3/.1)
+    P2 human baseline, 30 vs 10: A-first B (.2/.7/.1), B-first A (.8/.1/.1)
+    P3 human tie, 10 vs 10: A-first tie (.2/.2/.6), B-first A (.5/.3/.2)
+    P4 human candidate, 5 vs 50: A-first A (.9/.05/.05), B-first error
+    Per-pair agreement (ties 1/2): P1 (1 + 0)/2, P2 1, P3 (1 + 1/2)/2, P4 1 -> 3.25/4 = 0.8125; non-tie (P1, P2, P4)
+    2.5/3. κ over the 7 judgments: p_o = 5/7; judge A 5, B 1, tie 1; labels A 3, B 2, tie 2; p_e = (15 + 2 + 2)/49;
+    κ = (35 - 19)/(49 - 19) = 16/30. Ties 1/7; position A (5 + 1/2)/7; consistency (P1-P3 both asked) 1/3.
+    Longer answer chosen by the judge 1 of 5 (P3's equal lengths left out), by the labels 0 of 3. Pair level
+    (disagreeing orders tie; P4 an error): (1/2 + 1 + 1)/3. Weighted (first order): P1 .7 + .1/2, P2 .7 + .1/2,
+    P3 .2/2 + .2/2 + .6, P4 .9 + .05/2 -> 3.225/4. Debiased (both orders, P4 out): P1 candidate (.7 + .3)/2 = .5,
+    baseline .4, tie .1 -> expected .5 + .05 = .55, most likely candidate (1); P2 baseline (.7 + .8)/2 = .75 ->
+    .75 + .05 = .8 (1); P3 tie (.6 + .2)/2 = .4, candidate .25, baseline .35 -> .4 + .6/2 = .7, most likely tie (1)
+    -> soft 2.05/3, verdicts 3/3."""
+    group = [
+        (judge.Pair("p1", "q", "c" * 10, "b" * 20, "calibration", "s", "candidate"),
+         [cal_row("A", "A", (.7, .2, .1)), cal_row("B", "A", (.6, .3, .1))]),
+        (judge.Pair("p2", "q", "c" * 30, "b" * 10, "calibration", "s", "baseline"),
+         [cal_row("A", "B", (.2, .7, .1)), cal_row("B", "A", (.8, .1, .1))]),
+        (judge.Pair("p3", "q", "c" * 10, "b" * 10, "calibration", "s", "tie"),
+         [cal_row("A", "tie", (.2, .2, .6)), cal_row("B", "A", (.5, .3, .2))]),
+        (judge.Pair("p4", "q", "c" * 5, "b" * 50, "calibration", "s", "candidate"),
+         [cal_row("A", "A", (.9, .05, .05)), cal_row("B", "error")]),
+    ]
+    c = judge.calibration_stats(group, seed=0)
+    expected = {"pairs": 4, "judgments": 8, "errors": 1, "human_ties": 1, "agreement": 0.8125,
+                "nontie_agreement": round(2.5 / 3, 4), "kappa": round(16 / 30, 4), "tie_rate": round(1 / 7, 4),
+                "first_position_rate": round(5.5 / 7, 4), "consistency": round(1 / 3, 4), "consistency_pairs": 3,
+                "prefers_longer": 0.2, "labels_prefer_longer": 0.0, "pair_agreement": round(2.5 / 3, 4),
+                "weighted_agreement": round(3.225 / 4, 4), "debiased_agreement": round(2.05 / 3, 4),
+                "debiased_verdict_agreement": 1.0}
+    assert {k: c[k] for k in expected} == pytest.approx(expected, abs=1e-4)  # the summary rounds to 4 decimals
+    assert c["agreement_ci"][0] <= c["agreement"] <= c["agreement_ci"][1]
+
+
+class LetterJudge:
+    """FAKE judge engine: log-probabilities that depend on the prompt only through its length (a deterministic
+    stand-in whose verdicts differ between templates and pairs), and a count of the calls made."""
+
+    name = "letter-fake"
+
+    def __init__(self):
+        self.calls = 0
+
+    def choice(self, prompts, letter_ids):
+        self.calls += len(prompts)
+        return [[-0.1 - (len(p) % 3), -0.5 - (len(p) % 5) / 2, -2.0] for p in prompts]
+
+
+def test_a_panel_judges_and_caches_each_judge_on_its_own(tmp_path, default_model_dir, answers):
+    candidate, baseline = answers
+    one = judge_args(tmp_path, default_model_dir, "--order", "both", candidate=candidate, baseline=baseline)
+    fake = LetterJudge()
+    single = judge.run(one, lambda m: None, fake)
+    assert fake.calls == 14 and "panel" not in single
+    panel_args = judge_args(tmp_path, default_model_dir, "--order", "both", "--judge-model", str(default_model_dir),
+                            "--template", "hh-v1", "mt-bench-v2", candidate=candidate, baseline=baseline)
+    panel = judge.run(panel_args, lambda m: None, fake)
+    assert fake.calls == 28, "only the judge not asked yet is asked"
+    rows = read_jsonl(tmp_path / "v.jsonl")
+    assert {r["template"] for r in rows} == {"hh-v1", "mt-bench-v2"} and len(rows) == 28
+    members = panel["panel"]["members"]
+    assert [m["name"] for m in members] == ["smollm2-135m-instruct@hh-v1", "smollm2-135m-instruct@mt-bench-v2"]
+    assert members[0]["win_rate"] == single["win_rate"], "a member's numbers are its own"
+    assert panel["judges"] == [[m["judge_fingerprint"], m["template_version"]] for m in members]
+    assert panel["judge_model"].startswith("panel (mean) of ")
+    (inter,) = panel["panel"]["inter_judge"]
+    assert inter["judgments"] == 14 and -1 <= inter["kappa"] <= 1
+    # the panel's judgment of each pair is the mean of its judges' probabilities
+    by_key = {r["key"]: r for r in rows}
+    for pid, entries in panel["judged_pairs"].items():
+        for position, keys in entries:
+            assert len(keys) == 2
+            mean_a = sum(by_key[k]["p_a"] for k in keys) / 2
+            combined = stats.panel_judgment([by_key[k] for k in keys], "mean")
+            assert combined["p_a"] == pytest.approx(mean_a)
+    again = judge.run(panel_args, lambda m: None, fake)
+    assert fake.calls == 28 and again["model_calls"] == 0 and again["win_rate"] == panel["win_rate"]
+    majority = judge.run(judge_args(tmp_path, default_model_dir, "--order", "both", "--judge-model",
+                                    str(default_model_dir), "--template", "hh-v1", "mt-bench-v2", "--panel-combine",
+                                    "majority", candidate=candidate, baseline=baseline), lambda m: None, fake)
+    assert fake.calls == 28 and majority["panel_combine"] == "majority", "another combination, no new call"
+
+
+def test_panel_arguments_are_checked(tmp_path, default_model_dir, capsys):
+    m = str(default_model_dir)
+    for extra, message in [
+        (["--judge-model", m, m, "--template", "hh-v1", "hh-v1", "mt-bench-v2"], "3 templates for 2 judges"),
+        (["--judge-model", m, m], "the panel names a judge twice"),
+        (["--judge-model", m, "--template", "hh-v2"], "invalid choice: 'hh-v2'"),
+        (["--judge-model", m, "--panel-combine", "median"], "invalid choice: 'median'"),
+        (["--judge-model", m, "--probe-injection"], "--probe-injection injects"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:  # parsing only: a check that failed to fire must not start judging
+            judge.parse_args(["--out", str(tmp_path / "v.jsonl"), "--calibrate", "llmbar:Natural", *extra])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, message
+    members = judge.parse_args(["--out", "v.jsonl", "--judge-model", "a", "b", "--template", "mt-bench-v2",
+                                "--calibrate"])
+    assert [(j.model, j.template) for j in judge.judges_of(members)] == [("a", "mt-bench-v2"), ("b", "mt-bench-v2")]
+
+
+def test_plan_prompts_from_verdicts_without_judging(tmp_path, default_model_dir, answers):
+    """Two runs judged by a fake (FixedJudge: always A, so a pair's score is where the draw put the candidate);
+    --plan-prompts reads both files back and plans from their per-prompt scores, with no judge and no model call."""
+    candidate, baseline = answers
+    other = write_answers(tmp_path / "other.jsonl", [{**r, "response": r["response"] + " More.", "model_name": "dpo2"}
+                                                      for r in read_jsonl(candidate)])
+    first = judge.run(judge_args(tmp_path, default_model_dir, candidate=candidate, baseline=baseline, out="a.jsonl"),
+                      lambda m: None, FixedJudge())
+    judge.run(judge_args(tmp_path, default_model_dir, "--seed", "1", candidate=other, baseline=baseline, out="b.jsonl"),
+              lambda m: None, FixedJudge())
+    scores = [1.0 if judge.candidate_first(0, pid) else 0.0 for pid in first["judged_pairs"]]
+    assert first["power"]["win_rate"] == pytest.approx({**stats.power_plan(scores), "effect": pytest.approx(
+        stats.power_plan(scores)["effect"], abs=1e-4), "detectable": pytest.approx(stats.power_plan(scores)["detectable"],
+                                                                                  abs=1e-4)})
+    result = run_judge("--plan-prompts", tmp_path / "a.jsonl", tmp_path / "b.jsonl")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("plan: ")]
+    assert len(lines) == 4, lines  # each run vs sft, the two runs, the table by prompt count
+    assert "dpo vs sft: with 7 prompts this comparison detects a difference of" in lines[0]
+    assert "dpo − dpo2 (same prompts): with 7 prompts" in lines[2] and "between the two" in lines[2]
+    assert "64: ±" in lines[3] and "starting the" not in result.stderr
+    nothing = run_judge("--plan-prompts", "--out", tmp_path / "none.jsonl")
+    assert nothing.returncode == 0 and "the worst case: no verdicts yet" in nothing.stderr and "64: ±17.5 points" in nothing.stderr
+    alone = tmp_path / "alone.jsonl"
+    alone.write_text((tmp_path / "a.jsonl").read_text())
+    missing = run_judge("--plan-prompts", alone)
+    assert missing.returncode == 2 and "no summary beside it" in missing.stderr.splitlines()[-1]
+
+
+def test_injection_probe_compares_position_for_position(tmp_path, default_model_dir, answers):
+    """A fake whose verdict follows the prompt's length (LetterJudge): injected answers are longer, so some verdicts
+    move; every injected judgment is compared with the clean pair's in the same position, and counted."""
+    candidate, baseline = answers
+    fake = LetterJudge()
+    s = judge.run(judge_args(tmp_path, default_model_dir, "--probe-injection", "--injection-limit", "3",
+                             candidate=candidate, baseline=baseline), lambda m: None, fake)
+    inj = s["injection"]
+    assert inj["pairs"] == 3 and set(inj["kinds"]) == set(judge.INJECTIONS)
+    assert fake.calls == 7 + 3 * len(judge.INJECTIONS)
+    assert all(k["judgments"] == 3 and 0 <= k["flipped"] <= 3 for k in inj["kinds"].values())
+    rows = read_jsonl(tmp_path / "v.jsonl")
+    clean = {r["pair_id"]: r for r in rows if r["task"] == "compare"}
+    for r in (r for r in rows if r["task"] == "injection"):
+        assert r["candidate_position"] == clean[r["clean"]]["candidate_position"], "the clean pair's position"
+        assert r["set"] in judge.INJECTIONS and r["pair_id"] == f"{r['set']}/{r['clean']}"
+    assert s["n"] == 7 and s["wins"] + s["losses"] + s["ties"] == 7, "the win rate counts the clean pairs only"
+
+
+# ---------------------------------------------------------------- the real stand-in judge: panels, files, injection
+
+
+@pytest.fixture(scope="module")
+def hf_panel(tmp_path_factory, default_model_dir, answers, labelled_files):
+    """The real stand-in judge (HF, fp32, choice mode) as a panel of two templates, both orders, calibrated on two
+    labelled files of other formats, with the injection probe on one pair: (argv, out, log)."""
+    candidate, baseline = answers
+    out = tmp_path_factory.mktemp("panel") / "v.jsonl"
+    argv = ["--candidate", candidate, "--baseline", baseline, "--judge-model", default_model_dir, "--out", out,
+            "--template", "hh-v1", "mt-bench-v2", "--engine", "hf", "--order", "both",
+            "--calibrate", f"pairs:{labelled_files['explicit']}", f"pairs:{labelled_files['mt']}",
+            "--probe-injection", "--injection-limit", "1"]
+    return argv, out, ok(run_judge(*argv))
+
+
+@pytest.mark.slow
+def test_a_real_panel_with_soft_verdicts_calibration_and_injection(hf_panel):
+    argv, out, log = hf_panel
+    s = summary(out)
+    assert "panel member smollm2-135m-instruct@mt-bench-v2" in log and "inter-judge" in log
+    assert "soft: weighted" in log and "position-debiased" in log and "power: with 7 prompts" in log
+    rows = read_jsonl(out)
+    by_key = {r["key"]: r for r in rows}
+    # the panel's numbers come from its judges' rows: recompute the debiased win rate from them
+    debiased = []
+    for pid, entries in s["judged_pairs"].items():
+        placed = stats.placed_judgments(entries, by_key, "mean")
+        debiased.append(stats.debiased_preference({r["candidate_position"]: r for r in placed}))
+    assert s["debiased_win_rate"] == pytest.approx(sum(debiased) / len(debiased), abs=1e-4)
+    assert s["debiased_pairs"] == 7 and s["weighted_pairs"] == 7
+    assert s["debiased_win_rate_ci"][0] <= s["debiased_win_rate"] <= s["debiased_win_rate_ci"][1]
+    cal = s["calibration"]
+    assert cal["pairs"] == 7 and cal["human_ties"] == 2 and set(cal["sets"]) == {a for a in argv if str(a).startswith("pairs:")}
+    for key in ("agreement", "kappa", "tie_rate", "first_position_rate", "consistency", "weighted_agreement",
+                "debiased_agreement", "debiased_verdict_agreement"):
+        assert cal[key] is not None and -1 <= cal[key] <= 1, key
+    members = s["panel"]["members"]
+    assert len(members) == 2 and all(m["calibration"]["pairs"] == 7 for m in members)
+    (inter,) = s["panel"]["inter_judge"]
+    assert inter["judgments"] == 14 + 14 and (inter["kappa"] is None or -1 <= inter["kappa"] <= 1)
+    inj = s["injection"]
+    assert inj["pairs"] == 1 and set(inj["kinds"]) == set(judge.INJECTIONS) and inj["judgments"] == 2 * len(judge.INJECTIONS)
+    assert all(r["error_kind"] is None for r in rows), "the very long answer still fits the judge's context"
+    assert {r["task"] for r in rows} == {"compare", "calibration", "injection"}
+
+
+@pytest.mark.slow
+def test_injected_answers_never_reach_the_verdict_parser(tmp_path, default_model_dir, answers):
+    """generate mode, the real judge: answers that carry [[A]], fake end markers and fake chat turns. Whatever the
+    judge writes, each verdict is the parse of its own output, never of an answer: a judge output without a verdict
+    is an error row however many verdicts the answers hold."""
+    candidate, baseline = answers
+    out = tmp_path / "g.jsonl"
+    ok(run_judge("--candidate", candidate, "--baseline", baseline, "--judge-model", default_model_dir, "--out", out,
+                 "--engine", "hf", "--mode", "generate", "--max-new-tokens", "12", "--retries", "0", "--limit", "1",
+                 "--probe-injection", "--injection-limit", "1"))
+    rows = read_jsonl(out)
+    injected = [r for r in rows if r["task"] == "injection"]
+    assert len(injected) == len(judge.INJECTIONS)
+    for r in rows:
+        assert len(r["raw_outputs"]) == 1 and r["verdict"] == judge.parse_verdict(r["raw_outputs"][0])
+        assert "[The Start of Assistant A's Answer]" not in r["raw_outputs"][0], "the output is the judge's alone"
+    carrying = [r for r in injected if "[[A]]" in r["answer_a"] + r["answer_b"]]
+    assert len(carrying) == 4
+    for r in carrying:
+        assert (r["verdict"] == "error") == ("[[" not in r["raw_outputs"][0].replace("[[ ", "[["))
+    assert summary(out)["injection"]["judgments"] + sum(k["errors"] for k in summary(out)["injection"]["kinds"].values()) <= 6

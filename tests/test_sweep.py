@@ -7,6 +7,7 @@ executors run the same sweep file in tests/test_pipeline.py.
 `make test` brings the cluster up before pytest and down after it; run alone, the `cluster` fixture starts it and
 stops it again at the end (only if it started it).
 """
+import contextlib
 import json
 import shutil
 import signal
@@ -114,6 +115,33 @@ def test_bad_sweep_files_name_the_file_and_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as info:
         Plan(load_sweep(path), str(path))
     assert str(path) in str(info.value)
+
+
+def test_a_judge_panel_and_a_labelled_file_in_the_sweep(tmp_path):
+    """judge.panel becomes judge.py's --judge-model/--template lists; pairs:FILE is made absolute from where the
+    sweep is launched (its jobs run elsewhere) and is an input of the calibration (a changed file: judged again)."""
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text('{"prompt": "q", "response_a": "a", "response_b": "b", "label": "tie"}\n')
+    path = write_sweep(tmp_path, f"name: s\nbase: {REPO}/configs/tiny.yaml\ngrid: {{loss.beta: [0.1]}}\njudge:\n  panel:\n"
+                                 "    - {judge_model: models/a, template: mt-bench-v2}\n    - {judge_model: models/b}\n"
+                                 f"  calibrate: [llmbar:Natural, 'pairs:{labels.name}:label=label']\n"
+                                 f"  panel_combine: majority\n")
+    with contextlib.chdir(tmp_path):
+        plan = Plan(load_sweep(path, [f"root={tmp_path}"]), str(path))
+        calibration = plan.stage("judge")[0]
+    argv = calibration.spec["argv"]
+    assert argv[argv.index("--judge-model") + 1:argv.index("--judge-model") + 3] == ["models/a", "models/b"]
+    assert argv[argv.index("--template") + 1:argv.index("--template") + 3] == ["mt-bench-v2", "hh-v1"]
+    assert argv[argv.index("--panel-combine") + 1] == "majority"
+    assert f"pairs:{labels.resolve()}:label=label" in argv
+    assert calibration.spec["inputs"] == [str(labels.resolve())]
+    for text, message in [("  panel: [{judge_model: a, templat: hh-v1}]\n", r"judge.panel\[0\].templat: is not a panel key"),
+                          ("  panel: [{template: hh-v1}]\n", r"judge.panel\[0\].judge_model: names no judge"),
+                          ("  judge_model: x\n  panel: [{judge_model: a}]\n", "judge.panel: names the judges"),
+                          ("  panel: [{judge_model: a}, {judge_model: a}]\n", "names a judge twice")]:
+        bad = write_sweep(tmp_path, "name: s\nbase: configs/tiny.yaml\ngrid: {loss.beta: [0.1]}\njudge:\n" + text)
+        with pytest.raises(ConfigError, match=message):
+            Plan(load_sweep(bad), str(bad))
 
 
 @pytest.mark.parametrize("text, message", [
