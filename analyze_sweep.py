@@ -36,8 +36,9 @@ from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
 import objectives
 from config import UserInputError
 from jsonl import read_jsonl, summary_path
-from stats import (SCORE, DEGENERATE_BELOW, bootstrap_ci, is_degenerate, bradley_terry, combine, first_position_rate as rate_of_position_a, lc_win_rate,
-                   order_consistency, unswap)
+from stats import (SCORE, DEGENERATE_BELOW, STYLE_FEATURES, bootstrap_ci, bradley_terry, combine, debiased_preference,
+                   first_position_rate as rate_of_position_a, is_degenerate, lc_win_rate,
+                   order_consistency, placed_judgments, power_plan, soft_score, style_differences, unswap)
 
 NOT_RUNS = {"configs", "code", "generations", "judgments", "submitit", "ref_cache", "replaced"}
 # (metrics.jsonl key, axis label with unit); rewards are beta * log(pi/pi_ref) summed over the response, in nats
@@ -432,7 +433,8 @@ def load_comparison(path: Path) -> Comparison:
         isinstance(entries, list) and all(isinstance(e, list) and len(e) == 2 and e[0] in ("A", "B") for e in entries)
         for entries in placed.values())
     if current and readable:
-        groups = {pid: [(position, by_key.get(key)) for position, key in entries] for pid, entries in placed.items()}
+        groups = {pid: placed_judgments(entries, by_key, summary.get("panel_combine"))
+                  for pid, entries in placed.items()}
         state = "complete"
     else:
         ident = ("judge_fingerprint", "template_version", "mode", "candidate_sampling_hash", "baseline_sampling_hash")
@@ -440,25 +442,36 @@ def load_comparison(path: Path) -> Comparison:
         latest = {(r["pair_id"], r["key"]): r for r in rows if all(r.get(k) == newest.get(k) for k in ident)}
         groups = {}
         for (pid, _), r in latest.items():
-            groups.setdefault(pid, []).append((r["candidate_position"], r))
+            groups.setdefault(pid, []).append({**r, "winner": unswap(r["verdict"], r["candidate_position"])})
         state = "partial"
     pairs, judgments = [], []
     for pid, placed_rows in groups.items():
-        winners = [unswap(r["verdict"], position) if r else "error" for position, r in placed_rows]
-        winner = combine(winners)
-        first = next((r for _, r in placed_rows if r), {})
+        winner = combine([r["winner"] if r else "error" for r in placed_rows])
+        first = next((r for r in placed_rows if r), {})
+        candidate, baseline = _answers(first)
         pairs.append({"pair_id": pid, "prompt_set": pid.split("/")[0], "winner": winner, "score": SCORE.get(winner),
-                      "candidate_chars": first.get("candidate_chars"), "baseline_chars": first.get("baseline_chars")})
-        judgments += [{"pair_id": pid, "candidate_position": position, "verdict": r["verdict"], "winner": w,
-                       "asked": not r.get("identical_answers")}
-                      for (position, r), w in zip(placed_rows, winners) if r]
+                      "weighted": soft_score(placed_rows[0], placed_rows[0]["candidate_position"])
+                      if placed_rows and placed_rows[0] else None,
+                      "debiased": debiased_preference({r["candidate_position"]: r for r in placed_rows if r})
+                      if len(placed_rows) == 2 else None,
+                      "candidate_chars": first.get("candidate_chars"), "baseline_chars": first.get("baseline_chars"),
+                      **style_differences(candidate, baseline)})
+        judgments += [{"pair_id": pid, "candidate_position": r["candidate_position"], "verdict": r["verdict"],
+                       "winner": r["winner"], "asked": not r.get("identical_answers")} for r in placed_rows if r]
     baseline = ((summary or {}).get("baseline") or {}).get("model_name") or (rows[0].get("baseline_model") if rows
                                                                               else None) or "sft"
     return Comparison(path.stem, baseline,
-                      pd.DataFrame(pairs, columns=["pair_id", "prompt_set", "winner", "score", "candidate_chars",
-                                                   "baseline_chars"]),
+                      pd.DataFrame(pairs, columns=["pair_id", "prompt_set", "winner", "score", "weighted", "debiased",
+                                                   "candidate_chars", "baseline_chars", *STYLE_FEATURES]),
                       pd.DataFrame(judgments, columns=["pair_id", "candidate_position", "verdict", "winner", "asked"]),
                       summary, state)
+
+
+def _answers(row: dict) -> tuple[str, str]:
+    """(candidate's answer, baseline's answer) of a verdict row (a panel's judgment carries no text: ''); a
+    judgment's answers stand in A and B by its candidate_position."""
+    a, b = str(row.get("answer_a") or ""), str(row.get("answer_b") or "")
+    return (a, b) if row.get("candidate_position", "A") == "A" else (b, a)
 
 
 def load_comparisons(sweep: Path, problems: list[str]) -> dict[str, Comparison]:
@@ -523,11 +536,18 @@ def consistency(judgments: pd.DataFrame) -> float | None:
 def summarise(runs: list[Run], comparisons: dict[str, Comparison], generations: dict[str, dict], seed: int,
               n_boot: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One row per run (the summary table) and the Bradley-Terry ranking over every judged comparison."""
-    battles = pd.concat([pd.DataFrame({"model_a": c.run, "model_b": c.baseline, "score": c.pairs["score"]})
+    battles = pd.concat([pd.DataFrame({"model_a": c.run, "model_b": c.baseline, "score": c.pairs["score"],
+                                       **{f: c.pairs[f] for f in STYLE_FEATURES}})
                          for c in comparisons.values() if not c.pairs.empty] or [pd.DataFrame()], ignore_index=True)
     battles = battles.dropna() if not battles.empty else battles
     anchor = next(iter(comparisons.values())).baseline if comparisons else "sft"
-    ranking = bradley_terry(battles, anchor, seed, n_boot) if not battles.empty else pd.DataFrame()
+    ranking = pd.DataFrame()
+    if not battles.empty:  # plain Bradley-Terry and, beside it, with style control (Arena-Hard-Auto's two boards)
+        ranking = bradley_terry(battles, anchor, seed, n_boot)
+        styled = bradley_terry(battles, anchor, seed, n_boot, style=STYLE_FEATURES)
+        ranking = ranking.merge(styled[["model", "score", "ci_low", "ci_high"]].rename(
+            columns={"score": "sc_score", "ci_low": "sc_ci_low", "ci_high": "sc_ci_high"}), on="model")
+        ranking.attrs["style"] = styled.attrs["style"]
     bt = ranking.set_index("model") if not ranking.empty else pd.DataFrame()
     rows = []
     for run in runs:
@@ -543,6 +563,15 @@ def summarise(runs: list[Run], comparisons: dict[str, Comparison], generations: 
             scored = c.pairs.dropna(subset=["score"])
             ci = bootstrap_ci(scored["score"], seed) or [None, None]
             lc = lc_win_rate(scored["score"], scored["candidate_chars"], scored["baseline_chars"], seed, n_boot)
+            soft = {}
+            for column in ("weighted", "debiased"):
+                values = c.pairs[column].dropna().astype(float)
+                ci_soft = bootstrap_ci(values, seed) or [None, None]
+                soft.update({f"{column}_win_rate": float(values.mean()) if len(values) else None,
+                             f"{column}_ci_low": ci_soft[0], f"{column}_ci_high": ci_soft[1]})
+            plan = power_plan(scored["score"])
+            row.update(soft, power_sd=plan["sd"], power_sd_source=plan["sd_source"], detectable=plan["detectable"],
+                       prompts_needed=plan["needed"])
             row.update(judged=len(c.pairs), judge_errors=int((c.pairs["winner"] == "error").sum()),
                        judging=c.state, win_rate=float(scored["score"].mean()) if len(scored) else None,
                        win_rate_ci_low=ci[0], win_rate_ci_high=ci[1], lc_win_rate=lc["lc_win_rate"],
@@ -553,12 +582,17 @@ def summarise(runs: list[Run], comparisons: dict[str, Comparison], generations: 
                        mean_chars_baseline=float(c.pairs["baseline_chars"].mean()))
         name = run.name if run.name in bt.index else None
         if name:
-            row.update(bt_score=bt.loc[name, "score"], bt_ci_low=bt.loc[name, "ci_low"], bt_ci_high=bt.loc[name, "ci_high"])
+            row.update(bt_score=bt.loc[name, "score"], bt_ci_low=bt.loc[name, "ci_low"], bt_ci_high=bt.loc[name, "ci_high"],
+                       bt_sc_score=bt.loc[name, "sc_score"], bt_sc_ci_low=bt.loc[name, "sc_ci_low"],
+                       bt_sc_ci_high=bt.loc[name, "sc_ci_high"])
         rows.append(row)
     columns = ["run", "loss", "beta", "seed", "status", "flags", "steps", "max_steps", "eval_step", "eval_loss",
                "eval_accuracy", "eval_margin", "eval_kl", "judged", "judge_errors", "judging", "win_rate",
                "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate", "lc_ci_low", "lc_ci_high", "length_coef", "lc_note",
-               "bt_score", "bt_ci_low", "bt_ci_high", "first_position_rate", "consistency", "mean_chars_candidate",
+               "bt_score", "bt_ci_low", "bt_ci_high", "weighted_win_rate", "weighted_ci_low", "weighted_ci_high",
+               "debiased_win_rate", "debiased_ci_low", "debiased_ci_high", "bt_sc_score", "bt_sc_ci_low",
+               "bt_sc_ci_high", "detectable", "prompts_needed", "power_sd", "power_sd_source",
+               "first_position_rate", "consistency", "mean_chars_candidate",
                "mean_chars_baseline", "answers", "mean_new_tokens", "hit_max_tokens",
                "eval_pairs", "eval_correct", "eval_accuracy_p", "eval_accuracy_ci_low", "eval_accuracy_ci_high",
                "eval_margin_ci_low", "eval_margin_ci_high", "significant", "degenerate"]
@@ -567,7 +601,26 @@ def summarise(runs: list[Run], comparisons: dict[str, Comparison], generations: 
 
 BEST = [("eval_accuracy", "highest eval reward accuracy", max), ("eval_margin", "largest eval reward margin", max),
         ("eval_kl", "smallest KL from the reference", min), ("win_rate", "highest win rate vs SFT", max),
-        ("lc_win_rate", "highest length-controlled win rate", max), ("bt_score", "highest Bradley-Terry score", max)]
+        ("debiased_win_rate", "highest position-debiased win rate", max),
+        ("lc_win_rate", "highest length-controlled win rate", max), ("bt_score", "highest Bradley-Terry score", max),
+        ("bt_sc_score", "highest style-controlled Bradley-Terry score", max)]
+
+
+def power_between(comparisons: dict[str, Comparison]) -> pd.DataFrame:
+    """How many prompts tell two runs apart: the paired design (the same prompts for every run), from the spread of
+    the per-prompt differences of their scores against the same baseline (stats.power_plan)."""
+    rows = []
+    scored = {name: c.pairs.dropna(subset=["score"]).set_index("pair_id")["score"] for name, c in comparisons.items()
+              if not c.pairs.empty}
+    names = sorted(scored)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = scored[a].index.intersection(scored[b].index)
+            plan = power_plan(scored[a][shared] - scored[b][shared], null=0.0, worst_sd=1.0)
+            rows.append({"run_a": a, "run_b": b, "prompts": plan["n"], "difference": plan["effect"], "sd": plan["sd"],
+                         "sd_source": plan["sd_source"], "detectable": plan["detectable"], "needed": plan["needed"]})
+    return pd.DataFrame(rows, columns=["run_a", "run_b", "prompts", "difference", "sd", "sd_source", "detectable",
+                                       "needed"])
 
 
 def best_runs(table: pd.DataFrame) -> pd.DataFrame:
@@ -610,7 +663,8 @@ def markdown_table(table: pd.DataFrame) -> str:
 
     head = ["run", "loss", "β", "seed", "status", "flags", "steps", "eval loss", "eval acc [95% CI]", "p (acc = 0.5)",
             "eval margin [95% CI]", "eval KL",
-            "win rate % [95% CI]", "LC win rate % [95% CI]", "BT score [95% CI]", "judged"]
+            "win rate % [95% CI]", "debiased % [95% CI]", "weighted % [95% CI]", "LC win rate % [95% CI]",
+            "BT score [95% CI]", "BT style-controlled [95% CI]", "judged"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in table.iterrows():
         steps = f"{r['steps']}/{int(r['max_steps'])}" if pd.notna(r["max_steps"]) else str(r["steps"])
@@ -620,8 +674,11 @@ def markdown_table(table: pd.DataFrame) -> str:
                  f"{r['eval_accuracy_p']:.2g}" if pd.notna(r.get("eval_accuracy_p")) else "–",
                  with_ci(r, "eval_margin", "eval_margin_ci_low", "eval_margin_ci_high", 4), fmt(r["eval_kl"], 3),
                  ci(r, "win_rate", "win_rate_ci_low", "win_rate_ci_high"),
+                 ci(r, "debiased_win_rate", "debiased_ci_low", "debiased_ci_high"),
+                 ci(r, "weighted_win_rate", "weighted_ci_low", "weighted_ci_high"),
                  ci(r, "lc_win_rate", "lc_ci_low", "lc_ci_high"),
                  ci(r, "bt_score", "bt_ci_low", "bt_ci_high", pct=False),
+                 ci(r, "bt_sc_score", "bt_sc_ci_low", "bt_sc_ci_high", pct=False),
                  (f"{int(r['judged'])}" + (f" ({int(r['judge_errors'])} errors)" if r["judge_errors"] else "")
                   + (" partial" if r["judging"] == "partial" else "")) if pd.notna(r["judged"]) else "–"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -632,7 +689,7 @@ def best_markdown(best: pd.DataFrame) -> str:
     if best.empty:
         return "No DPO run has finite results yet."
     lines = ["| criterion | run | value | flags |", "|---|---|---|---|"]
-    lines += [f"| {r.criterion} | {r.run} | {f'{r.value:.0f}' if r.column == 'bt_score' else fmt(r.value, 4)} | "
+    lines += [f"| {r.criterion} | {r.run} | {f'{r.value:.0f}' if r.column.startswith('bt_') else fmt(r.value, 4)} | "
               f"{r.flags or '–'} |" for r in best.itertuples()]
     return "\n".join(lines)
 
@@ -750,12 +807,15 @@ def _scatter(ax, x, y, colour, flagged, marker="o", yerr=None, label=None):
         ax.plot([x], [y], **kwargs)
 
 
-def _points_vs_beta(ax, dpo: pd.DataFrame, column: str, styles: dict, colours: dict, low: str = "", high: str = "") -> None:
-    """One point per run at its beta (offset per run_styles), with its CI when low/high columns are named."""
+def _points_vs_beta(ax, dpo: pd.DataFrame, column: str, styles: dict, colours: dict, low: str = "", high: str = "",
+                    shift: float = 1.0, hollow: bool | None = None) -> None:
+    """One point per run at its beta (offset per run_styles, times `shift`), with its CI when low/high columns are
+    named; hollow where the run is flagged, unless `hollow` says."""
     for _, r in dpo.iterrows():
         if pd.notna(r[column]):
             marker, factor = styles[r["run"]]
-            _scatter(ax, r["beta"] * factor, r[column], colours[r["beta"]], bool(r["flags"]), marker,
+            _scatter(ax, r["beta"] * factor * shift, r[column], colours[r["beta"]],
+                     bool(r["flags"]) if hollow is None else hollow, marker,
                      _errors(r[column], r[low], r[high]) if low else None)
 
 
@@ -803,23 +863,33 @@ def final_vs_beta_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[
 
 
 def win_rate_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[Path]:
-    """Two panels side by side: the win rate against SFT and the length-controlled win rate, each with its CI."""
+    """Three panels side by side, each point with its CI: the win rate against SFT (hard verdicts), the soft win
+    rates (probability-weighted, hollow; position-debiased, filled: choice mode only) and the length-controlled rate."""
     dpo = dpo_rows_of(table, "win_rate")
     if dpo.empty:
         return []
     styles = run_styles(dpo)
-    fig, axes = plt.subplots(1, 2, figsize=(TEXT_WIDTH_IN * 0.75, 2.4), sharey=True)
-    for ax, (point, low, high, title) in zip(axes, [
-            ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "win rate vs SFT"),
-            ("lc_win_rate", "lc_ci_low", "lc_ci_high", "length-controlled win rate")]):
-        _points_vs_beta(ax, dpo, point, styles, colours, low, high)
+    fig, axes = plt.subplots(1, 3, figsize=(TEXT_WIDTH_IN, 2.4), sharey=True)
+    _points_vs_beta(axes[0], dpo, "win_rate", styles, colours, "win_rate_ci_low", "win_rate_ci_high")
+    axes[0].set_title("win rate vs SFT (verdicts)")
+    # weighted hollow (it still carries the judge's position bias), debiased filled, side by side
+    _points_vs_beta(axes[1], dpo, "weighted_win_rate", styles, colours, "weighted_ci_low", "weighted_ci_high", 0.93,
+                    hollow=True)
+    _points_vs_beta(axes[1], dpo, "debiased_win_rate", styles, colours, "debiased_ci_low", "debiased_ci_high", 1.07,
+                    hollow=False)
+    axes[1].set_title("soft: weighted (hollow), debiased (filled)")
+    if dpo["weighted_win_rate"].isna().all():
+        axes[1].text(0.5, 0.5, "no probabilities\n(generate mode)", ha="center", transform=axes[1].transAxes)
+    _points_vs_beta(axes[2], dpo, "lc_win_rate", styles, colours, "lc_ci_low", "lc_ci_high")
+    axes[2].set_title("length-controlled win rate")
+    for ax in axes:
         ax.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
         beta_axis(ax, dpo["beta"])
         ax.set_ylim(-0.02, 1.02)
-        ax.set_title(title)
     axes[0].set_ylabel("rate (ties = ½)")
     _loss_legend(axes[0], dpo, styles)
-    fig.suptitle("DPO vs SFT with 95% bootstrap CIs (one point per run; hollow = flagged)", y=1.02)
+    fig.suptitle("DPO vs SFT with 95% bootstrap CIs (one point per run; hollow in the left and right panels = "
+                 "flagged)", y=1.02)
     fig.tight_layout()
     return save(fig, out, "win_rate_vs_beta")
 
@@ -986,6 +1056,7 @@ def judge_warnings(table: pd.DataFrame, calibration: dict | None, comparisons: d
                    f"{ci[1]:.3f} {where} 0.5): its win rates say nothing about quality.")
     elif not calibration:
         out.append("The judge's agreement with human labels was not measured (`judge: calibrate:` in the sweep).")
+    out += calibration_statements(calibration)
     fpr = table["first_position_rate"].dropna()
     if len(fpr) and (abs(fpr - 0.5) > 0.2).any():
         both = any((c.summary or {}).get("order") == "both" for c in comparisons.values())
@@ -996,13 +1067,163 @@ def judge_warnings(table: pd.DataFrame, calibration: dict | None, comparisons: d
     return out
 
 
+def _pct_ci(point, ci) -> str:
+    if point is None:
+        return "n/a"
+    return f"{100 * point:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
+def calibration_statements(calibration: dict | None) -> list[str]:
+    """What κ and the debiased verdicts say about the judge, in words."""
+    if not calibration:
+        return []
+    out = []
+    kappa, ci = calibration.get("kappa"), calibration.get("kappa_ci")
+    if kappa is not None and ci and ci[0] <= 0 <= ci[1]:
+        out.append(f"**Cohen's κ between the judge and the human labels is {kappa:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]: "
+                   f"its 95% CI includes 0**, so the judge is not shown to agree with humans beyond what its own and the "
+                   f"labels' label frequencies give by chance.")
+    elif kappa is not None and ci and ci[1] < 0:
+        out.append(f"**Cohen's κ between the judge and the human labels is {kappa:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}], "
+                   f"below 0**: the judge disagrees with humans more often than chance would.")
+    elif kappa is None and calibration.get("pairs"):
+        out.append("Cohen's κ is undefined: the judge gave one label to every judgment.")
+    hard, debiased = calibration.get("agreement"), calibration.get("debiased_verdict_agreement")
+    if hard is not None and debiased is not None:
+        verb = "raises" if debiased > hard else "lowers" if debiased < hard else "leaves"
+        out.append(f"Debiasing {verb} the judge's agreement with human labels: {_pct_ci(hard, calibration.get('agreement_ci'))} "
+                   f"with its verdicts, {_pct_ci(debiased, calibration.get('debiased_verdict_agreement_ci'))} with the "
+                   f"most likely verdict of its two orders' mean probabilities (soft: "
+                   f"{_pct_ci(calibration.get('weighted_agreement'), None)} in one order, "
+                   f"{_pct_ci(calibration.get('debiased_agreement'), None)} debiased).")
+    return out
+
+
+def power_statements(table: pd.DataFrame, between: pd.DataFrame) -> list[str]:
+    """'With N prompts this sweep can detect ±X points': from the judged runs' per-prompt spread (stats.power_plan)."""
+    judged = table[table["detectable"].notna()] if "detectable" in table else table.iloc[0:0]
+    if judged.empty:
+        return []
+    worst = judged.loc[judged["detectable"].idxmax()]
+    text = (f"With {int(worst['judged'])} prompts this sweep can detect a win-rate difference of "
+            f"±{100 * worst['detectable']:.1f} points against SFT (80% power, α = 0.05; per-prompt sd "
+            f"{worst['power_sd']:.3f}, {worst['power_sd_source']})")
+    if not between.empty:
+        b = between.loc[between["detectable"].idxmax()]
+        text += f" and ±{100 * b['detectable']:.1f} points between two runs (paired, sd {b['sd']:.3f}, {b['sd_source']})"
+    needed = judged["prompts_needed"].dropna()
+    text += "; " + (f"telling the runs' observed win rates from 50% would need {int(needed.min())}–{int(needed.max())} "
+                    f"prompts." if len(needed) else "no run's win rate differs from 50% at all.")
+    return [text]
+
+
+def calibration_table(calibration: dict) -> list[str]:
+    """One row per calibration set and one for all: AlpacaEval's evaluator columns and the soft/debiased ones."""
+    def pct(x):
+        return "–" if x is None else f"{100 * x:.1f}"
+
+    def cell(point, ci, scale=100.0, digits=1, sign=""):
+        if point is None:
+            return "–"
+        f = lambda v: f"{scale * v:{sign}.{digits}f}"  # noqa: E731
+        return f(point) + (f" [{f(ci[0])}, {f(ci[1])}]" if ci else "")
+
+    head = ["set", "pairs", "agreement % [95% CI]", "κ [95% CI]", "non-tie %", "judge ties %", "first position %",
+            "consistency %", "prefers longer %: judge / labels", "weighted %", "debiased %",
+            "debiased verdicts % [95% CI]", "errors"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    sets = calibration.get("sets") if isinstance(calibration.get("sets"), dict) else {}
+    for name, c in list(sets.items()) + [("all", calibration)]:
+        if not isinstance(c, dict):
+            continue
+        label = name.split(":")[0] if name.startswith("heldout") else name
+        lines.append("| " + " | ".join(str(x) for x in [
+            f"**{label}**" if name == "all" else label, c.get("pairs", "–"),
+            cell(c.get("agreement"), c.get("agreement_ci")),
+            cell(c.get("kappa"), c.get("kappa_ci"), 1.0, 3, "+"),
+            pct(c.get("nontie_agreement")), pct(c.get("tie_rate")), pct(c.get("first_position_rate")),
+            pct(c.get("consistency")), f"{pct(c.get('prefers_longer'))} / {pct(c.get('labels_prefer_longer'))}",
+            pct(c.get("weighted_agreement")), pct(c.get("debiased_agreement")),
+            cell(c.get("debiased_verdict_agreement"), c.get("debiased_verdict_agreement_ci")),
+            c.get("errors", "–")]) + " |")
+    return lines
+
+
+def panel_lines(calibration: dict | None, comparisons: dict[str, Comparison]) -> list[str]:
+    """A judge panel's members (their agreement with humans, their win rates) and their agreement with each other."""
+    panel = (calibration or {}).get("panel") or next(
+        ((c.summary or {}).get("panel") for c in comparisons.values() if (c.summary or {}).get("panel")), None)
+    if not isinstance(panel, dict):
+        return []
+    lines = ["", "### Judge panel", "", f"The verdicts above are the panel's ({panel.get('combine', 'mean')} of its "
+             f"judges). Each judge alone:", "", "| judge | agreement with humans % [95% CI] | κ [95% CI] |",
+             "|---|---|---|"]
+    for m in panel.get("members") or []:
+        c = m.get("calibration") or {}
+        kappa = "–" if c.get("kappa") is None else f"{c['kappa']:+.3f}" + (
+            f" [{c['kappa_ci'][0]:+.3f}, {c['kappa_ci'][1]:+.3f}]" if c.get("kappa_ci") else "")
+        lines.append(f"| {m.get('name')} | {_pct_ci(c.get('agreement'), c.get('agreement_ci'))} | {kappa} |")
+    for pair in panel.get("inter_judge") or []:
+        ci = pair.get("kappa_ci")
+        kappa = "n/a" if pair.get("kappa") is None else f"{pair['kappa']:+.3f}" + (
+            f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+        lines += ["", f"Between {pair['judges'][0]} and {pair['judges'][1]}: κ {kappa}, agreement "
+                      f"{_pct_ci(pair.get('agreement'), None)} over {pair.get('judgments')} judgments."]
+    return lines
+
+
+def injection_lines(comparisons: dict[str, Comparison]) -> list[str]:
+    """The prompt-injection probe (judge.py --probe-injection) of each comparison that ran it."""
+    probed = {name: c.summary["injection"] for name, c in comparisons.items()
+              if isinstance((c.summary or {}).get("injection"), dict)}
+    if not probed:
+        return []
+    kinds = sorted({k for inj in probed.values() for k in inj.get("kinds", {})})
+    lines = ["", "### Prompt injection", "", "Share of verdicts that changed when the DPO answer carried the "
+             "injection (same pairs, same positions; choice mode: the judge's own decision, measured):", "",
+             "| run | pairs | " + " | ".join(kinds) + " | all |", "|---|---|" + "---|" * (len(kinds) + 1)]
+    for name, inj in probed.items():
+        cells = [f"{100 * inj['kinds'][k]['flip_rate']:.0f}%" if inj["kinds"].get(k, {}).get("flip_rate") is not None
+                 else "–" for k in kinds]
+        total = "–" if inj.get("flip_rate") is None else f"{100 * inj['flip_rate']:.0f}%"
+        lines.append(f"| {name} | {inj.get('pairs')} | " + " | ".join(cells) + f" | {total} |")
+    return lines
+
+
+def power_lines(table: pd.DataFrame, between: pd.DataFrame) -> list[str]:
+    judged = table[table["detectable"].notna()] if "detectable" in table else table.iloc[0:0]
+    if judged.empty:
+        return []
+    lines = ["", "### How many prompts", "", "Paired design (every run answers the same prompts), 80% power, α = 0.05 "
+             "(two-sided z-test), from the measured per-prompt spread of the verdict scores:", "",
+             "| comparison | prompts | sd | detectable ± points | observed points | prompts to detect it |",
+             "|---|---|---|---|---|---|"]
+    for _, r in judged.iterrows():
+        needed = "–" if pd.isna(r["prompts_needed"]) else f"{int(r['prompts_needed'])}"
+        lines.append(f"| {r['run']} vs SFT | {int(r['judged'])} | {r['power_sd']:.3f}"
+                     + (" (worst case)" if r["power_sd_source"] != "measured" else "")
+                     + f" | {100 * r['detectable']:.1f} | {100 * (r['win_rate'] - 0.5):+.1f} | {needed} |")
+    for _, b in between.iterrows():
+        if pd.isna(b["detectable"]):
+            continue
+        needed = "–" if pd.isna(b["needed"]) else f"{int(b['needed'])}"
+        lines.append(f"| {b['run_a']} vs {b['run_b']} | {int(b['prompts'])} | {b['sd']:.3f}"
+                     + (" (worst case)" if b["sd_source"] != "measured" else "")
+                     + f" | {100 * b['detectable']:.1f} | {100 * b['difference']:+.1f} | {needed} |")
+    lines += ["", "`python judge.py --plan-prompts logs/<sweep>/judgments/*.jsonl` prints the same from the verdict "
+                  "files, judging nothing."]
+    return lines
+
+
 CAPTIONS = {
     "curves_train": "Train metrics per optimizer step, one line per β (mean over seeds, band min–max).",
     "curves_eval": "Held-out eval metrics at each evaluation, one line per β.",
     "final_vs_beta": "Final held-out reward accuracy (Clopper-Pearson 95% CI; dotted line: chance), reward margin "
                      "(bootstrap 95% CI) and KL estimate against β; one point per run.",
-    "win_rate_vs_beta": "Win rate of each DPO run against SFT (left) and its length-controlled win rate (right), "
-                        "with 95% bootstrap CIs; marker shape = loss type, seeds side by side.",
+    "win_rate_vs_beta": "Win rate of each DPO run against SFT from the judge's verdicts (left), from its "
+                        "probabilities (middle: weighted, as AlpacaEval 2, hollow; position-debiased, the mean of both "
+                        "orders, filled) and length-controlled (right), with 95% bootstrap CIs; marker shape = loss "
+                        "type, seeds side by side.",
     "kl_win_rate_frontier": "KL from the reference against win rate: each run a point; up and to the left is better.",
     "judge_diagnostics": "Judge diagnostics: share of verdicts for position A, share of pairs whose two orders agree, "
                          "and agreement with human labels on the calibration sets.",
@@ -1010,8 +1231,10 @@ CAPTIONS = {
 
 
 def write_report(out: Path, sweep: Path, runs, comparisons, generations, table, ranking, best, calibration, figures,
-                 problems: list[str], argv, paired: pd.DataFrame | None = None) -> Path:
+                 problems: list[str], argv, paired: pd.DataFrame | None = None,
+                 between: pd.DataFrame | None = None) -> Path:
     paired = pd.DataFrame() if paired is None else paired
+    between = power_between({}) if between is None else between
     lines = [f"# Sweep `{sweep.name}`", "",
              f"Generated by `python analyze_sweep.py {' '.join(argv)}` on "
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from `{sweep}`. Everything below is computed from the "
@@ -1026,7 +1249,8 @@ def write_report(out: Path, sweep: Path, runs, comparisons, generations, table, 
     if generations:
         lines += [f"- no answers yet from **{r.name}** (`generations/{r.name}.jsonl`)" for r in runs
                   if r.name not in generations and r.status == "completed"]
-    warned = effect_statements(table, paired) + judge_warnings(table, calibration, comparisons)
+    warned = effect_statements(table, paired) + judge_warnings(table, calibration, comparisons) + \
+        power_statements(table, between)
     if warned:
         lines += ["", "## Read this first", ""] + [f"- {w}" for w in warned]
     lines += ["", "## Results", "", markdown_table(table), "", "Win rates count ties as ½; judge errors are counted "
@@ -1046,9 +1270,23 @@ def write_report(out: Path, sweep: Path, runs, comparisons, generations, table, 
     lines += ["",
               "### Best run per criterion", "", best_markdown(best)]
     if not ranking.empty:
-        lines += ["", "### Bradley-Terry ranking", "", "| model | score [95% CI] | battles |", "|---|---|---|"]
-        lines += [f"| {r.model} | {r.score:.0f} [{r.ci_low:.0f}, {r.ci_high:.0f}] | {r.battles} |"
-                  for r in ranking.itertuples()]
+        lines += ["", "### Bradley-Terry ranking", "",
+                  "| model | score [95% CI] | style-controlled [95% CI] | battles |", "|---|---|---|---|"]
+        lines += [f"| {r.model} | {r.score:.0f} [{r.ci_low:.0f}, {r.ci_high:.0f}] | {r.sc_score:.0f} "
+                  f"[{r.sc_ci_low:.0f}, {r.sc_ci_high:.0f}] | {r.battles} |" for r in ranking.itertuples()]
+        style = ranking.attrs.get("style") or {}
+        lines += ["", "Style coefficients (per standard deviation of each normalised difference, logit scale): "
+                  + (", ".join(f"{k} {v:+.3f}" for k, v in style.items()) if style else
+                     "none: the answers' style does not vary") + "."]
+    if calibration:
+        lines += ["", "### Judge calibration", ""] + calibration_table(calibration)
+        lines += ["", "Agreement: per judgment, both orders, ties ½ (LLMBar's protocol); κ: Cohen's, verdicts against "
+                      "labels in position terms (A, B, tie); weighted: the judge's expected agreement under its "
+                      "probabilities in one order; debiased: with each answer's probability averaged over both orders "
+                      "(expected agreement, and that of its most likely verdict). CIs: bootstrap over pairs."]
+    lines += panel_lines(calibration, comparisons)
+    lines += power_lines(table, between)
+    lines += injection_lines(comparisons)
     by_set = pd.concat([c.pairs.assign(run=name) for name, c in comparisons.items() if not c.pairs.empty] or [pd.DataFrame()])
     if not by_set.empty and by_set["prompt_set"].nunique() > 1:
         pivot = by_set.dropna(subset=["score"]).pivot_table(index="run", columns="prompt_set", values="score",
@@ -1087,7 +1325,17 @@ def write_report(out: Path, sweep: Path, runs, comparisons, generations, table, 
               "- *LC win rate*: AlpacaEval 2's GLM, logit P(win) = θ + φ·tanh(Δlen/sd(Δlen)) with Δlen the answer "
               "length difference in characters; reported as σ(θ), the win rate at equal lengths.",
               "- *BT score*: Bradley-Terry fit over all pairwise outcomes (Arena-Hard-Auto), Elo scale, SFT = 1000; "
-              "intervals from a bootstrap over pairs.",
+              "intervals from a bootstrap over pairs. *Style-controlled*: the same fit with style covariates "
+              "(Arena-Hard-Auto's `--style-control`): for answer length and markdown headers, list items and bold "
+              "spans, (a − b)/(a + b) of the two answers, scaled by its standard deviation (not centred: every battle "
+              "has the DPO run on the same side); the scores are then the strengths at equal style.",
+              "- *Weighted win rate*: the judge's probability for the DPO answer, P(its position) + P(tie)/2, in the "
+              "order the seeded draw chose (AlpacaEval 2's weighted annotator); *debiased*: the mean of that "
+              "probability over both orders, which removes a preference for a position that does not depend on the "
+              "answers (choice mode, `order: both`).",
+              "- *κ*: Cohen's kappa, (p_o − p_e)/(1 − p_e): agreement beyond what the two label frequencies give by "
+              "chance. *Detectable difference*: (z₀.₉₇₅ + z₀.₈)·sd/√n, the smallest true difference a paired "
+              "two-sided test on n prompts finds 80% of the time at α = 0.05.",
               "- *Flags*: " + " ".join(line.strip() for line in stability_flags.__doc__.split("\n")[1:])]
     path = out / "README.md"
     path.write_text("\n".join(lines) + "\n")
@@ -1182,6 +1430,7 @@ def analyse(args, argv: list[str]) -> int:
         calibration = None
     generations = load_generations(sweep, comparisons, problems)
     table, ranking = summarise(runs, comparisons, generations, args.seed, args.bootstrap)
+    between = power_between(comparisons)
     paired = paired_differences(runs, args.seed, args.bootstrap)
     best = best_runs(table)
 
@@ -1208,6 +1457,8 @@ def analyse(args, argv: list[str]) -> int:
         ranking.to_csv(out / "bradley_terry.csv", index=False)
     if not paired.empty:
         paired.to_csv(out / "paired_differences.csv", index=False)
+    if not between.empty:
+        between.to_csv(out / "power_between_runs.csv", index=False)
     (out / "summary.md").write_text(markdown_table(table) + "\n\n## Best run per criterion\n\n" + best_markdown(best) + "\n")
     colours = beta_colours(runs)
     plt.rcParams.update(FIGURE_STYLE)
@@ -1219,14 +1470,18 @@ def analyse(args, argv: list[str]) -> int:
     figures += frontier_figure(table, colours, out / "figures")
     figures += judge_figure(table, calibration, out / "figures")
     report = write_report(out, sweep, runs, comparisons, generations, table, ranking, best, calibration, figures,
-                          problems, argv, paired)
+                          problems, argv, paired, between)
     for line in effect_statements(table, paired):
         say("  " + line.replace("**", ""))
     for _, r in table.iterrows():
         if pd.notna(r["win_rate"]):
             lc = f"{100 * r['lc_win_rate']:.1f}%" if pd.notna(r["lc_win_rate"]) else "n/a"
+            debiased = "n/a" if pd.isna(r["debiased_win_rate"]) else f"{100 * r['debiased_win_rate']:.1f}%"
             say(f"  {r['run']}: win rate {100 * r['win_rate']:.1f}% [{100 * r['win_rate_ci_low']:.1f}, "
-                f"{100 * r['win_rate_ci_high']:.1f}], LC {lc}, BT {fmt(r.get('bt_score'), 4)}")
+                f"{100 * r['win_rate_ci_high']:.1f}], debiased {debiased}, LC {lc}, BT {fmt(r.get('bt_score'), 4)}, "
+                f"style-controlled BT {fmt(r.get('bt_sc_score'), 4)}")
+    for line in power_statements(table, between) + calibration_statements(calibration):
+        say("  " + line.replace("**", ""))
     say(f"wrote {out}/summary.csv, summary.md, {len(figures)} figure files and the report {report}")
     return 0
 

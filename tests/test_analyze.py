@@ -504,3 +504,72 @@ def test_objectives_group_apart_and_are_defined_in_the_report(tmp_path):
     for name in ("sigmoid", "orpo", "sft", "bco_pair", "ipo"):
         assert f"- `{name}` (" in readme
     assert "ORPO, Hong et al. 2024" in readme and "β·πc/|yc|" in readme  # ORPO's reward has no reference
+
+
+def test_a_panel_soft_rates_style_control_power_and_injection_in_the_report(sweep, tmp_path, capsys):
+    """A panel of two judges in choice mode, both orders, on 6 pairs (verdict rows with probabilities), its
+    calibration with κ whose CI includes 0 and an injection probe in the summary. By hand, per pair, the panel's
+    P(A) etc. are the two judges' means, the debiased rate the mean over the pairs of the two orders' soft scores."""
+    folder = sweep / "judgments"
+    for old in folder.glob("beta0.1_seed1*"):
+        old.unlink()
+    probs = {"j1": [(0.8, 0.1, 0.1), (0.7, 0.2, 0.1)], "j2": [(0.6, 0.3, 0.1), (0.5, 0.4, 0.1)]}
+    rows, placed, debiased = [], {}, []
+    for i in range(6):
+        pid = f"mt_bench/q{i}#0"
+        cand = "# Plan\n- step\n- **step**\n" * (i + 1)  # markdown-rich, longer each time
+        entries = []
+        soft = {}
+        for position in ("A", "B"):
+            keys = []
+            for j, judge_name in enumerate(("j1", "j2")):
+                p = probs[judge_name][0 if position == "A" else 1] if i % 2 else tuple(reversed(probs[judge_name][0][:2])) + (0.1,)
+                key = f"{judge_name}-{pid}-{position}"
+                keys.append(key)
+                answer_a, answer_b = (cand, "short") if position == "A" else ("short", cand)
+                rows.append({"key": key, "task": "compare", "pair_id": pid, "candidate_position": position,
+                             "verdict": "A" if p[0] > p[1] else "B", "p_a": p[0], "p_b": p[1], "p_tie": p[2],
+                             "answer_a": answer_a, "answer_b": answer_b, "candidate_chars": len(cand),
+                             "baseline_chars": 5, "template_version": f"t@{j}", "timestamp": "2026-01-01T00:00:00"})
+            mean = [(rows[-2][k] + rows[-1][k]) / 2 for k in ("p_a", "p_b", "p_tie")]
+            soft[position] = (mean[0] if position == "A" else mean[1]) + mean[2] / 2
+            entries.append([position, keys])
+        placed[pid] = entries
+        debiased.append((soft["A"] + soft["B"]) / 2)
+    with open(folder / "beta0.1_seed1.jsonl", "w") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows))
+    inter = [{"judges": ["j1@hh-v1", "j2@mt-bench-v2"], "judgments": 12, "kappa": 0.25, "kappa_ci": [-0.1, 0.6],
+              "agreement": 0.7}]
+    (folder / "beta0.1_seed1.summary.json").write_text(json.dumps({
+        "judge_model": "panel (mean) of j1@hh-v1, j2@mt-bench-v2", "template_version": "t@0+t@1", "mode": "choice",
+        "order": "both", "seed": 0, "panel_combine": "mean", "candidate": {"model_name": "beta0.1_seed1"},
+        "baseline": {"model_name": "sft"}, "n": 6, "judged_pairs": placed,
+        "panel": {"combine": "mean", "members": [{"name": "j1@hh-v1", "calibration": {"agreement": 0.5, "kappa": 0.0}},
+                                                 {"name": "j2@mt-bench-v2", "calibration": {"agreement": 0.6}}],
+                  "inter_judge": inter},
+        "injection": {"pairs": 2, "judgments": 24, "flip_rate": 0.25, "kinds": {
+            "fake_verdict": {"judgments": 4, "flipped": 1, "flip_rate": 0.25, "toward_candidate": 1, "errors": 0}}}}))
+    (folder / "calibration.summary.json").write_text(json.dumps({"calibration": {
+        "pairs": 30, "agreement": 0.55, "agreement_ci": [0.45, 0.65], "kappa": 0.05, "kappa_ci": [-0.1, 0.2],
+        "debiased_verdict_agreement": 0.6, "debiased_verdict_agreement_ci": [0.5, 0.7], "weighted_agreement": 0.51,
+        "debiased_agreement": 0.52, "sets": {"llmbar:Natural": {"pairs": 30, "agreement": 0.55, "kappa": 0.05,
+                                                                "kappa_ci": [-0.1, 0.2], "agreement_ci": [0.45, 0.65]}},
+        "panel": {"members": [{"name": "j1@hh-v1", "calibration": {"agreement": 0.5, "kappa": 0.0}}],
+                  "inter_judge": inter}}}))
+    table = analyse(sweep, tmp_path / "report")
+    r = table.loc["beta0.1_seed1"]
+    assert r["debiased_win_rate"] == pytest.approx(np.mean(debiased)) and r["judged"] == 6
+    assert r["debiased_ci_low"] <= r["debiased_win_rate"] <= r["debiased_ci_high"]
+    assert 0 <= r["weighted_win_rate"] <= 1 and pd.notna(r["bt_sc_score"]) and pd.notna(r["detectable"])
+    report = (tmp_path / "report" / "README.md").read_text()
+    read_first = report.split("## Read this first")[1].split("## Results")[0]
+    assert "Cohen's κ between the judge and the human labels is +0.050 [-0.100, +0.200]: its 95% CI includes 0" in read_first
+    assert "Debiasing raises the judge's agreement with human labels: 55.0% [45.0, 65.0]" in read_first
+    assert "prompts this sweep can detect a win-rate difference of ±" in read_first
+    for heading in ("### Judge calibration", "### Judge panel", "### How many prompts", "### Prompt injection",
+                    "style-controlled [95% CI]"):
+        assert heading in report, heading
+    assert "| beta0.1_seed1 | 2 | 25% | 25% |" in report
+    assert "Between j1@hh-v1 and j2@mt-bench-v2: κ +0.250 [-0.100, +0.600]" in report
+    assert (tmp_path / "report" / "power_between_runs.csv").is_file()
+    assert "debiased" in capsys.readouterr().out
