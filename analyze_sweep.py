@@ -916,6 +916,15 @@ def frontier_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[Path]
     return save(fig, out, "kl_win_rate_frontier")
 
 
+def set_label(name: str) -> str:
+    """A calibration set's short name: heldout:<config> -> heldout, pairs:<path>[:mapping] -> pairs:<file name>."""
+    if name.startswith("heldout"):
+        return "heldout"
+    if name.startswith("pairs:"):
+        return "pairs:" + Path(name[len("pairs:"):].split(":")[0]).name
+    return name
+
+
 def judge_figure(table: pd.DataFrame, calibration: dict | None, out: Path) -> list[Path]:
     judged = table[table["win_rate"].notna()]
     if judged.empty and not calibration:
@@ -937,7 +946,7 @@ def judge_figure(table: pd.DataFrame, calibration: dict | None, out: Path) -> li
     ax = axes[2]
     sets = (calibration or {}).get("sets") or {}
     if sets:
-        labels = [s.split(":")[0] if s.startswith("heldout") else s for s in sets]
+        labels = [set_label(s) for s in sets]
         values = [v.get("agreement") or 0.0 for v in sets.values()]
         errs = [[v["agreement"] - v["agreement_ci"][0] for v in sets.values()],
                 [v["agreement_ci"][1] - v["agreement"] for v in sets.values()]] \
@@ -1041,7 +1050,7 @@ def setup_account(sweep: Path, runs: list[Run], comparisons: dict[str, Compariso
         sets = calibration.get("sets") if isinstance(calibration.get("sets"), dict) else {}
         lines.append(f"- **Judge calibration**: agreement with human labels {fmt(calibration.get('agreement'))} "
                      f"[{fmt(ci[0])}, {fmt(ci[1])}] over {calibration.get('pairs')} pairs "
-                     f"({', '.join(x.split(':')[0] if x.startswith('heldout') else x for x in sets)}); first-position "
+                     f"({', '.join(set_label(x) for x in sets)}); first-position "
                      f"rate {fmt(calibration.get('first_position_rate'))}.")
     return lines
 
@@ -1136,7 +1145,7 @@ def calibration_table(calibration: dict) -> list[str]:
     for name, c in list(sets.items()) + [("all", calibration)]:
         if not isinstance(c, dict):
             continue
-        label = name.split(":")[0] if name.startswith("heldout") else name
+        label = set_label(name)
         lines.append("| " + " | ".join(str(x) for x in [
             f"**{label}**" if name == "all" else label, c.get("pairs", "–"),
             cell(c.get("agreement"), c.get("agreement_ci")),

@@ -315,15 +315,21 @@ def test_judging_waits_for_generation_then_judges_every_run_with_the_calibration
     calibration_job = jobs["judge/calibration"]["job_id"]
     assert f"(after jobs {calibration_job}, " in output or f", {calibration_job}" in output, output
     cal = json.loads((out / "judgments" / "calibration.summary.json").read_text())["calibration"]
-    assert cal["pairs"] == 6 and cal["judgments"] == 12 and cal["errors"] == 0
-    assert set(cal["sets"]) == {"llmbar:Natural", f"heldout:{out}/configs/heldout.yaml"}
+    assert cal["pairs"] == 9 and cal["judgments"] == 18 and cal["errors"] == 0
+    assert set(cal["sets"]) == {"llmbar:Natural", f"heldout:{out}/configs/heldout.yaml",
+                                f"pairs:{REPO / 'tests/data/labelled_pairs.jsonl'}"}, "the file's path made absolute"
+    assert cal["kappa_ci"] is None or len(cal["kappa_ci"]) == 2
     for run in ("beta0.1_seed0", "beta0.5_seed0"):
         s = json.loads((out / "judgments" / f"{run}.summary.json").read_text())
         assert s["n"] == 8 and s["candidate"]["model_name"] == run and s["baseline"]["model_name"] == "sft"
         assert s["wins"] + s["losses"] + s["ties"] + s["errors"] == 8 and s["win_rate_ci"] is not None
         assert s["calibration"]["agreement"] == cal["agreement"], "the win rate carries the judge's agreement"
+        assert [m["name"] for m in s["panel"]["members"]] == ["smollm2-135m-instruct@hh-v1",
+                                                              "smollm2-135m-instruct@mt-bench-v2"]
+        assert len(s["calibration"]["panel"]["members"]) == 2, "the calibration's judges, carried along"
         rows = read_jsonl(out / "judgments" / f"{run}.jsonl")
-        assert len(rows) == 8 and {r["judge_model"] for r in rows} == {"models/smollm2-135m-instruct"}
+        assert len(rows) == 16 and {r["judge_model"] for r in rows} == {"models/smollm2-135m-instruct"}
+        assert {r["template"] for r in rows} == {"hh-v1", "mt-bench-v2"}, "a panel of two: each judged on its own"
     again = launcher("--config", SWEEP, f"root={root}", "--judge")
     assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout + again.stderr
     table = launcher("--config", SWEEP, f"root={root}", "--judge", "--status")
@@ -363,12 +369,16 @@ def test_analysis_of_the_real_tiny_sweep(slurm_sweep, tmp_path):
         assert table.loc[run, "eval_accuracy"] == pytest.approx(final["rewards/accuracies"])
         assert table.loc[run, "eval_kl"] == pytest.approx(final["kl"])
         assert pd.notna(table.loc[run, "lc_win_rate"]) and pd.notna(table.loc[run, "bt_score"])
+        assert table.loc[run, "weighted_win_rate"] == pytest.approx(summary["weighted_win_rate"], abs=1e-4)
+        assert pd.notna(table.loc[run, "bt_sc_score"]) and pd.notna(table.loc[run, "detectable"])
     for name in ("curves_train", "curves_eval", "final_vs_beta", "win_rate_vs_beta", "kl_win_rate_frontier",
                  "judge_diagnostics"):
         assert (tmp_path / "report" / "figures" / f"{name}.png").stat().st_size > 10_000
         assert (tmp_path / "report" / "figures" / f"{name}.pdf").read_bytes().startswith(b"%PDF")
     report = (tmp_path / "report" / "README.md").read_text()
     assert "configs/sweep_tiny.yaml" in report and "β ∈ {0.1, 0.5}" in report
+    assert "### Judge calibration" in report and "| pairs:labelled_pairs.jsonl | 3 |" in report
+    assert "### Judge panel" in report and "### How many prompts" in report
 
 
 @pytest.mark.cluster
