@@ -24,9 +24,10 @@ import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import yaml
 from accelerate.utils import broadcast_object_list, gather_object
 
-from config import Config, UserInputError, to_yaml
+from config import Config, UserInputError, config_changes, to_yaml
 from models import load_model
 
 REPO = Path(__file__).resolve().parent
@@ -124,9 +125,10 @@ def check_output_dir(cfg: Config, out_dir: Path) -> str | None:
     info = json.loads(run_json.read_text())
     if cfg.train.resume == "never":
         raise UserInputError(f"{out_dir} holds a previous run (run.json); use train.resume=auto or a new output_dir")
-    if saved.is_file() and saved.read_text() != to_yaml(cfg):
-        raise UserInputError(f"{out_dir}/config.yaml differs from this run's config; resuming would mix two runs. "
-                             f"Use a new output_dir or the same config")
+    changes = config_changes(yaml.safe_load(saved.read_text()) or {}, cfg) if saved.is_file() else []
+    if changes:
+        raise UserInputError(f"{out_dir}/config.yaml differs from this run's config ({'; '.join(changes[:4])}); "
+                             f"resuming would mix two runs. Use a new output_dir or the same config")
     return info.get("status")
 
 

@@ -297,6 +297,39 @@ class LoraConfig:
 
 
 @dataclass
+class PruneConfig:
+    """Rules that stop a DPO run early when its metrics say it has failed (a sweep's `prune:` section sets them for
+    every DPO run). Checked at each step boundary after the step is logged; a run that meets one checkpoints, is
+    marked pruned (reason, step) in run.json and exits 0, freeing its slot. They watch a run, they do not define it:
+    a resumed run may change them (--retry-pruned after loosening them)."""
+    margin_below: float | None = None
+    """Margin collapse: the train reward margin (rewards/margins) below this for `patience` train logs in a row."""
+    chosen_logps_slope: float | None = None
+    """Chosen log-probs falling faster than this many nats per step (a positive number), fitted over the last
+    `patience` + 1 train logs: the policy is leaving its chosen answers behind."""
+    eval_loss_rising: int = 0
+    """The eval loss higher than at the eval before, this many evals in a row (0 = off)."""
+    non_finite: bool = False
+    """A NaN or inf in the loss or gradient prunes the run instead of failing it (status pruned, not resubmitted)."""
+    patience: int = 3
+    """Train logs in a row a train-metric rule must hold for."""
+    min_steps: int = 0
+    """No rule is checked before this step."""
+
+    def __post_init__(self):
+        require(self.patience >= 1, "prune.patience", f"must be >= 1; got {self.patience}")
+        require(self.eval_loss_rising >= 0, "prune.eval_loss_rising", f"must be >= 0; got {self.eval_loss_rising}")
+        require(self.min_steps >= 0, "prune.min_steps", f"must be >= 0; got {self.min_steps}")
+        require(self.chosen_logps_slope is None or self.chosen_logps_slope > 0, "prune.chosen_logps_slope",
+                f"is a rate of fall in nats per step: must be > 0; got {self.chosen_logps_slope}")
+
+    @property
+    def active(self) -> bool:
+        return (self.margin_below is not None or self.chosen_logps_slope is not None or self.eval_loss_rising > 0
+                or self.non_finite)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -304,11 +337,12 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     output_dir: str = "logs/default"
     """Where the run writes metrics.jsonl, config.yaml, run.json, checkpoints and final/."""
 
     def __post_init__(self):
-        require(not (self.loss.sync_ref_every and self.lora.r), "loss.sync_ref_every",
+        require(not (self.loss.sync_ref_every and self.lora.r and self.loss.name == "dpo"), "loss.sync_ref_every",
                 f"TR-DPO moves a reference copy of the full model, but lora.r={self.lora.r} trains adapters whose "
                 f"reference is the base model with adapters off: set loss.sync_ref_every=0 or lora.r=0")
 
@@ -498,6 +532,32 @@ def to_dict(cfg) -> dict:
 
 def to_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    items = {}
+    for k, v in d.items():
+        items.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return items
+
+
+MONITORING = ("prune",)
+"""Config sections that watch a run rather than define it: a run may resume under other values."""
+
+
+def config_changes(saved: dict, cfg: Config) -> list[str]:
+    """How a run folder's config.yaml (loaded) differs from `cfg`, as 'key: old -> new': keys of the monitoring
+    sections never count, and a key the saved file lacks counts only when `cfg` sets it away from its default (it was
+    added to the schema after the run started, and the run behaved as the default does)."""
+    old, new, default = flat(saved), flat(to_dict(cfg)), flat(to_dict(Config()))
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if key.split(".")[0] in MONITORING or (key not in old and new.get(key) == default.get(key)):
+            continue
+        if old.get(key) != new.get(key):
+            changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+    return changes
 
 
 # ---------------------------------------------------------------- command lines from dataclasses

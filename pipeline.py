@@ -22,6 +22,7 @@ whenever a stage moves, and a table of stages and times at the end. --redo moves
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import shutil
 import subprocess
@@ -39,7 +40,7 @@ from slurm import stages as st
 from slurm.jobs import ANALYSIS_MARKER
 from slurm.launch import launch
 from slurm.plan import plan_sweep
-from slurm.scheduler import cancel, read_record, scheduler_states, sweep_lock
+from slurm.scheduler import cancel, read_record, record_costs, scheduler_states, sweep_lock, write_record
 from slurm.spec import Sweep, load_sweep
 from slurm.sweep import say as sweep_say
 
@@ -192,6 +193,7 @@ def print_status(snap: Snapshot) -> None:
             f"{i.name}: {i.state}" for i in items)
         rows.append({"stage": stage, "state": snap.state(stage), "items": len(items) or 1, "detail": detail})
     st.print_table(rows, {k: k for k in rows[0]})
+    print(st.cost_status(snap.plan))
 
 
 # ---------------------------------------------------------------- redo: set outputs aside
@@ -346,6 +348,12 @@ def summary(snap: Snapshot, stages: list[str], results: dict, started: float, do
             took, previous = f"{elapsed(done_at[s] - previous)} (wall)", done_at[s]
         rows.append({"stage": s, "state": snap.state(s), "this run": took, "detail": snap.cell(s)})
     st.print_table(rows, {k: k for k in rows[0]})
+    with contextlib.suppress(UserInputError):  # another launcher holds the sweep: it records them itself
+        with sweep_lock(snap.out):
+            record = read_record(snap.out)
+            if record_costs(record, scheduler_states(record, snap.out)):
+                write_record(snap.out, record)
+    say(st.cost_status(snap.plan))
     for t in snap.judging:
         if t.state == "completed":
             say(f"{t.name}: {st.judged_line(t.out)}")
@@ -373,6 +381,8 @@ def main(argv=None) -> int:
                         help="move this stage's outputs and those of the stages after it aside, then make them again")
     parser.add_argument("--detach", action="store_true", help="on Slurm: return once the jobs are queued")
     parser.add_argument("--progress-s", type=float, default=15.0, help="seconds between progress checks")
+    parser.add_argument("--retry-pruned", action="store_true",
+                        help="train pruned runs on from their checkpoints instead of counting them finished")
     parser.add_argument("overrides", nargs="*", help="sweep overrides: slurm.partition=gpu grid.loss.beta=[0.1,0.3]")
     args = parser.parse_intermixed_args(argv)
     if args.progress_s <= 0:
@@ -382,6 +392,7 @@ def main(argv=None) -> int:
     started, out = time.time(), None
     try:
         sweep = load_sweep(args.config, args.overrides)
+        sweep.retry_pruned = args.retry_pruned  # every plan made of this sweep, in every stage, sees it
         if args.plan:
             print("\n".join(plan_sweep(args.config, args.overrides, args.gpu)))
             return 0

@@ -62,6 +62,10 @@ class Interrupted(Exception):
     """SIGTERM/SIGUSR1/SIGUSR2 arrived: the run saved a checkpoint at a step boundary and stops."""
 
 
+class Pruned(Exception):
+    """A prune rule (cfg.prune) says the run has failed: it saved a checkpoint at a step boundary and stops."""
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -532,6 +536,7 @@ class Run:
     ref_model: object = None          # TR-DPO's moving reference (loss.sync_ref_every), else None
     ref_synced: bool = False          # the moving reference has left its start: `ref` is stale, compute on the fly
     batches: Batches | None = None
+    history: list = field(default_factory=list)  # the train and eval rows logged so far (read back on resume)
     step: int = 0
     tokens: int = 0
     epoch: float = 0.0
@@ -546,6 +551,7 @@ class Run:
         return {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed_before + time.time() - self.started}
 
     def log(self, row: dict) -> None:
+        self.history.append(row)  # every rank: the rows are gathered values, the same everywhere (prune rules)
         if self.main:
             append_jsonl(self.out_dir / "metrics.jsonl", row)
 
@@ -658,6 +664,8 @@ def setup(cfg: Config, log=print) -> Run:
         state = json.loads((resume_from / "trainer_state.json").read_text())
         run.step, run.tokens, run.elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
         run.ref_synced = bool(cfg.loss.sync_ref_every) and run.step >= cfg.loss.sync_ref_every  # restored weights
+        run.history = [r for r in read_jsonl(out_dir / "metrics.jsonl") if r["step"] <= run.step]
+        accelerator.wait_for_everyone()  # every rank has read the rows before the main one trims the file
         if run.main:  # drop lines logged after the checkpoint: the resumed run logs those steps again
             for name in ("metrics.jsonl", "eval_pairs.jsonl"):  # rows past the checkpoint are redone
                 if (out_dir / name).exists():
@@ -691,20 +699,31 @@ def train(cfg: Config, log=print) -> dict:
                 break
             if cfg.train.eval_every and run.step % cfg.train.eval_every == 0 and run.eval_pairs:
                 log_eval(run)
-            if (cfg.train.save_every and run.step % cfg.train.save_every == 0) or stop_now:
+            pruned = prune_reason(cfg, run.history, run.step)
+            if (cfg.train.save_every and run.step % cfg.train.save_every == 0) or stop_now or pruned:
                 save_checkpoint(run.accelerator, out_dir, run.step, run.state(), cfg.train.keep_checkpoints)
+                if pruned:
+                    raise Pruned(pruned)
                 if stop_now:
                     raise Interrupted(f"signal {(stop_signals or ['on another rank'])[0]} at step {run.step}: "
                                       f"checkpoint saved")
         bar.close()
         finish(run)
-    except (NonFiniteError, Interrupted, DiskFullError, OSError) as e:
+    except (Pruned, NonFiniteError) as e:
+        if isinstance(e, NonFiniteError) and not cfg.prune.non_finite:
+            fail(run, e, out_dir, bar)
+            raise
+        bar.close()
+        reason = str(e) if isinstance(e, Pruned) else f"non-finite values: {e}"
+        run.info.update(status="pruned", pruned={"reason": reason, "step": run.step}, ended=now(), steps=run.step,
+                        tokens=run.tokens, elapsed_s=round(run.state()["elapsed_s"], 2),
+                        last_checkpoint=str(find_checkpoint(out_dir) or ""))
+        run.say(f"pruned at step {run.step}: {reason}; the checkpoint is kept (a sweep re-run with --retry-pruned "
+                f"resumes it)")
+    except (Interrupted, DiskFullError, OSError) as e:
         if isinstance(e, OSError) and disk_full_reason(e, out_dir) is None:
             raise  # not ours to describe (metrics.jsonl and the reference cache on a full disk are)
-        bar.close()
-        run.info.update(status="interrupted" if isinstance(e, Interrupted) else "failed", ended=now(), steps=run.step,
-                        error=str(e) if not isinstance(e, OSError) else f"{e.filename}: {e.strerror}",
-                        last_checkpoint=str(find_checkpoint(out_dir) or ""))
+        fail(run, e, out_dir, bar)
         raise
     finally:
         bar.close(print_final=False)  # whatever ended the loop, the heartbeat stops here
@@ -712,6 +731,48 @@ def train(cfg: Config, log=print) -> dict:
             signal.signal(sig, handler)
         teardown(run)
     return run.info
+
+
+def fail(run: Run, e: Exception, out_dir: Path, bar) -> None:
+    """run.json for a run that stops on an error or a signal (teardown writes it)."""
+    bar.close()
+    run.info.update(status="interrupted" if isinstance(e, Interrupted) else "failed", ended=now(), steps=run.step,
+                    error=str(e) if not isinstance(e, OSError) else f"{e.filename}: {e.strerror}",
+                    last_checkpoint=str(find_checkpoint(out_dir) or ""))
+
+
+def prune_reason(cfg: Config, history: list[dict], step: int) -> str | None:
+    """Which prune rule (cfg.prune) the logged rows meet at this step, in words; None while none does (or for SFT).
+    margin_below: the last `patience` train rows' rewards/margins all below it; chosen_logps_slope: the least-squares
+    slope of logps/chosen over the last `patience` + 1 train rows steeper than minus it (nats per step);
+    eval_loss_rising: the eval loss up at each of the last N evals."""
+    rules = cfg.prune
+    if cfg.loss.name != "dpo" or not rules.active or step < rules.min_steps:
+        return None
+    train = [r for r in history if r.get("split") == "train"]
+    recent = train[-rules.patience:]
+    margins = [r.get("rewards/margins") for r in recent]
+    if rules.margin_below is not None and len(recent) == rules.patience and all(
+            isinstance(m, (int, float)) and m < rules.margin_below for m in margins):
+        return (f"margin collapse: rewards/margins below {rules.margin_below:g} for {rules.patience} train logs in a "
+                f"row ({', '.join(f'{m:+.3f}' for m in margins)} at steps {recent[0]['step']}-{recent[-1]['step']})")
+    window = [(r["step"], r["logps/chosen"]) for r in train[-(rules.patience + 1):]
+              if isinstance(r.get("logps/chosen"), (int, float))]
+    if rules.chosen_logps_slope is not None and len(window) == rules.patience + 1:
+        steps, logps = zip(*window)
+        mean_step, mean_logp = sum(steps) / len(steps), sum(logps) / len(logps)
+        spread = sum((x - mean_step) ** 2 for x in steps)
+        slope = sum((x - mean_step) * (y - mean_logp) for x, y in window) / spread if spread else 0.0
+        if slope < -rules.chosen_logps_slope:
+            return (f"chosen log-probs falling {-slope:.3f} nats/step over steps {steps[0]}-{steps[-1]} (more than "
+                    f"{rules.chosen_logps_slope:g})")
+    losses = [r.get("loss") for r in history if r.get("split") == "eval"]
+    rising = rules.eval_loss_rising
+    if rising and len(losses) > rising and all(isinstance(x, (int, float)) for x in losses[-(rising + 1):]) and all(
+            b > a for a, b in zip(losses[-(rising + 1):-1], losses[-rising:])):
+        return (f"eval loss rising at {rising} evals in a row "
+                f"({' -> '.join(f'{x:.4f}' for x in losses[-(rising + 1):])})")
+    return None
 
 
 def train_step(run: Run, stop_signals: list, bar) -> bool:

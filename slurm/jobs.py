@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -33,7 +34,9 @@ import submitit
 from host import resolve_mixed_precision
 
 REPO = Path(__file__).resolve().parents[1]
-ANALYSIS_SKIPS = {"submitit", "code", "ref_cache", "checkpoints", "final", "replaced"}  # never read by the analysis
+# never read by the analysis, or (costs/) read but written by every job, the analysis's own included: not part of
+# what makes a report current
+ANALYSIS_SKIPS = {"submitit", "code", "ref_cache", "checkpoints", "final", "replaced", "costs"}
 ANALYSIS_MARKER = "analysis.done.json"
 
 
@@ -170,6 +173,7 @@ class _ProcessJob(submitit.helpers.Checkpointable):
     """A job that runs one command in a session of its own (so the whole tree can be signalled) and polls it."""
 
     _proc = None
+    usage: dict | None = None  # what the last command used (usage_since)
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_proc"}
@@ -179,6 +183,7 @@ class _ProcessJob(submitit.helpers.Checkpointable):
 
     def _run(self, cmd: list[str], env: dict, on_start=None, **popen) -> int:
         print("+ " + shlex.join(cmd), flush=True)
+        started, before = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
         try:
             self._proc = subprocess.Popen(cmd, cwd=self.workdir, env=env, start_new_session=True, **popen)
             if on_start:
@@ -187,7 +192,39 @@ class _ProcessJob(submitit.helpers.Checkpointable):
                 time.sleep(0.5)
         finally:
             stop_tree(self._proc)
+            self.usage = usage_since(started, before)
         return self._proc.returncode
+
+
+def usage_since(started: float, before) -> dict:
+    """What the command and everything it started used (the children this process waited for, and theirs)."""
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"elapsed_s": round(time.time() - started, 2),
+            "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 2),
+            "max_rss_gb": round(after.ru_maxrss / 2**20, 3)}  # kilobytes on Linux: the largest process's peak
+
+
+def record_cost(spec: dict, usage: dict, exit_code: int | None, gpus_per_node: int = 0) -> None:
+    """One line per attempt (and node) in <sweep>/costs/<key>.jsonl: what the job's processes used, as this process
+    measured it, beside what it was allocated (Slurm's environment; here: the machine). The launcher adds Slurm's
+    own accounting (sacct) to the sweep record; the analysis reads both."""
+    folder = spec.get("costs")
+    if not folder or not usage:
+        return
+    env = os.environ
+    slurm = "SLURM_JOB_ID" in env
+    job_id = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" if env.get("SLURM_ARRAY_TASK_ID") else \
+        env.get("SLURM_JOB_ID", "")
+    row = {"key": spec["key"], "ended": time.strftime("%Y-%m-%dT%H:%M:%S"), **usage, "exit_code": exit_code,
+           "executor": "slurm" if slurm else "local", "job_id": job_id, "node": int(env.get("SLURM_NODEID", 0)),
+           "nodes": int(env.get("SLURM_JOB_NUM_NODES", 1)), "requeues": int(env.get("SLURM_RESTART_COUNT", 0)),
+           "cpus": int(env.get("SLURM_CPUS_ON_NODE") or env.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1),
+           "gpus": gpus_per_node if slurm else 0}
+    path = Path(folder) / (spec["key"].replace("/", "__") + ".jsonl")
+    with contextlib.suppress(OSError):  # accounting must never fail the job it accounts for
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
 
 
 # ---------------------------------------------------------------- the jobs
@@ -246,15 +283,16 @@ class TrainJob(_ProcessJob):
         # The launcher processes ignore SIGTERM/USR2 and so outlive the trainer, which restores the defaults at start
         # and, once training, stops at a step boundary after saving a checkpoint.
         code = self._run(cmd, env, preexec_fn=_ignore_stop_signals)
+        record_cost(spec, self.usage, code, self.gpus_per_node)
         if spec["mode"] == "reference":
             if code != 0:
                 raise RuntimeError(f"reference log-probs for {spec['config']} failed (exit code {code})")
             write_json(Path(spec["marker"]), reference_marker(spec))
             return {"mode": "reference", "config": spec["config"]}
         info = read_json(Path(spec["output_dir"]) / "run.json")
-        if code == 0 and info.get("status") == "completed":
+        if code == 0 and info.get("status") in ("completed", "pruned"):  # a pruned run ends itself: its slot is free
             return {"mode": "train", "output_dir": spec["output_dir"], "steps": info.get("steps"),
-                    "final_eval": info.get("final_eval")}
+                    "final_eval": info.get("final_eval"), "pruned": info.get("pruned")}
         if info.get("status") == "interrupted":
             time.sleep(30)  # a preemption's USR2 follows its SIGTERM: give submitit the chance to requeue
         raise RuntimeError(f"training {spec['output_dir']} ended with exit code {code}, run.json status "
@@ -279,8 +317,8 @@ class ScriptJob(_ProcessJob):
     the job writes the done marker, stamped with its inputs as they were when it started (or, for answers, the model
     as it is at the end)."""
 
-    def __init__(self, code_dir: str, workdir: str, env: dict):
-        self.code_dir, self.workdir, self.env = code_dir, workdir, env
+    def __init__(self, code_dir: str, workdir: str, env: dict, gpus: int = 0):
+        self.code_dir, self.workdir, self.env, self.gpus = code_dir, workdir, env, gpus
 
     def __call__(self, spec: dict) -> dict:
         script = spec["script"]
@@ -301,6 +339,7 @@ class ScriptJob(_ProcessJob):
                          tee, stderr=subprocess.PIPE, text=True, errors="replace")
         for thread in tees:
             thread.join(timeout=10)
+        record_cost(spec, self.usage, code, self.gpus)
         if code != 0:
             said = next((line for line in reversed(errors) if line.startswith("error: ")), "see the job log")
             raise RuntimeError(f"{script} for {spec.get('model') or spec['key']} ended with exit code {code}: {said}")
@@ -316,7 +355,7 @@ class ScriptJob(_ProcessJob):
 
     def checkpoint(self, spec: dict):
         stop_tree(self._proc)  # rows already written stay; the requeued job skips them
-        return submitit.helpers.DelayedSubmission(ScriptJob(self.code_dir, self.workdir, self.env), spec)
+        return submitit.helpers.DelayedSubmission(ScriptJob(self.code_dir, self.workdir, self.env, self.gpus), spec)
 
 
 def _lines(path: str) -> int:

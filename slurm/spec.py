@@ -20,8 +20,8 @@ from pathlib import Path
 
 import objectives
 from arguments import GenerateArgs, JudgeArgs
-from config import (ArgsError, Config, ConfigError, build, flag, load, load_config, parse_flags, require, to_dict,
-                    to_yaml)
+from config import (ArgsError, Config, ConfigError, PruneConfig, build, flag, load, load_config, parse_flags, require,
+                    to_dict, to_yaml)
 
 LAUNCHER_KEYS = ("output_dir", "loss.name", "loss.ref_cache_dir", "train.resume")  # set by the launcher for every run
 SHORT_NAMES = {"loss.type": "", "loss.label_smoothing": "ls"}  # otherwise a key's last part: beta, seed, lr
@@ -189,8 +189,12 @@ class Sweep:
     reference: ReferenceStage = field(default_factory=ReferenceStage)
     generate: GenerateStage = field(default_factory=GenerateStage)
     judge: JudgeStage = field(default_factory=JudgeStage)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    """Rules that stop a failing DPO run early (config.PruneConfig), for every DPO run of the sweep."""
     slurm: SlurmResources = field(default_factory=SlurmResources)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    retry_pruned: typing.ClassVar[bool] = False
+    """Set by the launchers' --retry-pruned (not a sweep-file key): pruned runs are trained on instead of finished."""
 
     def __post_init__(self):
         require(bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.name or "")), "name",
@@ -315,8 +319,9 @@ def training_jobs(sweep: Sweep, sweep_file: str) -> list[TrainingJob]:
         jobs.append(TrainingJob("sft", "sft", cfg, out / "configs" / "sft.yaml"))
         policy = str(out / "sft" / "final")
     # a requeued or resubmitted run must continue from its checkpoint, whatever the base config says
-    dpo_common = common + [f"{k}={value_text(v)}" for k, v in sweep.dpo.overrides.items()] + ["loss.name=dpo",
-                                                                                           "train.resume=auto"]
+    rules = [f"prune.{k}={value_text(v)}" for k, v in asdict(sweep.prune).items() if v != asdict(PruneConfig())[k]]
+    dpo_common = common + rules + [f"{k}={value_text(v)}" for k, v in sweep.dpo.overrides.items()] + \
+        ["loss.name=dpo", "train.resume=auto"]
     runs = []
     for name, grid_overrides in grid_runs(sweep):
         cfg = resolve(f"run {name}", dpo_common + grid_overrides + [

@@ -27,7 +27,8 @@ from pathlib import Path
 import yaml
 
 from arguments import pairs_file
-from config import Config, UserInputError, to_argv, to_dict, to_yaml
+from config import Config, UserInputError, config_changes, to_argv
+from costs import cost_line, job_costs
 from jsonl import read_jsonl, summary_path
 from slurm import jobs as J
 from slurm.scheduler import ACTIVE_STATES, read_record, scheduler_states
@@ -51,6 +52,7 @@ class Target:
     state: str = ""
     detail: str = ""
     job_id: str = ""
+    pruned: str = ""          # why its DPO run was pruned (the run, its answers and its judging), else ""
 
     @property
     def config(self) -> Config | None:
@@ -60,8 +62,9 @@ class Target:
 class Plan:
     """Every target of every stage of a sweep, with its dependencies, and where each stands."""
 
-    def __init__(self, sweep: Sweep, sweep_file: str):
+    def __init__(self, sweep: Sweep, sweep_file: str, retry_pruned: bool = False):
         self.sweep, self.file, self.out = sweep, str(sweep_file), sweep.folder
+        self.retry_pruned = retry_pruned or sweep.retry_pruned  # pruned runs are finished unless a launch asks
         self.jobs = training_jobs(sweep, self.file)
         self.targets: list[Target] = []
         for stage in STAGES.values():
@@ -127,7 +130,11 @@ class Stage:
 
     def classify(self, plan: Plan, targets: list[Target], launching: set) -> None:
         for t in targets:
-            settle(t, self.done(plan, t), plan.record, plan.states, launching)
+            t.pruned = next((d.pruned for d in t.deps if d.pruned), "")
+            if t.pruned:  # nothing to answer with or judge: finished as it is
+                settle(t, f"skipped: its run was {t.pruned}", plan.record, plan.states, launching, deps_done=False)
+            else:
+                settle(t, self.done(plan, t), plan.record, plan.states, launching)
 
     def done(self, plan: Plan, t: Target) -> str | None:
         """A line saying why the target is finished, or None."""
@@ -145,7 +152,7 @@ class Stage:
         return plan.sweep.resources(self.name)
 
     def job(self, plan: Plan, code: Path):
-        return J.ScriptJob(str(code), os.getcwd(), dict(plan.sweep.launch.env))
+        return J.ScriptJob(str(code), os.getcwd(), dict(plan.sweep.launch.env), self.resources(plan).gpus_per_node)
 
     def label(self, t: Target) -> str:
         return t.name
@@ -171,18 +178,10 @@ def run_status(job: TrainingJob) -> tuple[str | None, str]:
     run_json, saved = out / "run.json", out / "config.yaml"
     if not run_json.is_file():
         return None, ""
-    if saved.is_file() and saved.read_text() != to_yaml(job.config):
-        old, new = flat(yaml.safe_load(saved.read_text()) or {}), flat(to_dict(job.config))
-        changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    changed = config_changes(yaml.safe_load(saved.read_text()) or {}, job.config) if saved.is_file() else []
+    if changed:
         return None, f"{out} holds a run of a different config ({'; '.join(changed[:4])})"
     return J.read_json(run_json).get("status") or ("unreadable" if run_json.stat().st_size else None), ""
-
-
-def flat(d: dict, prefix: str = "") -> dict:
-    items = {}
-    for k, v in d.items():
-        items.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return items
 
 
 def last_rows(path: Path) -> tuple[dict, dict]:
@@ -229,13 +228,17 @@ class Training(Stage):
             done = None
             if self.name == "reference":
                 if J.read_json(Path(t.spec["marker"])) == self._marker(t) and t.job.config_path.is_file() and \
-                        t.job.config_path.read_text().endswith(to_yaml(t.config)):
+                        not config_changes(yaml.safe_load(t.job.config_path.read_text()) or {}, t.config):
                     done = "reference log-probs already cached for this config and model"
             else:
                 status, conflict = run_status(t.job)
                 conflicts += [conflict] if conflict else []
                 if status == "completed":
                     done = "finished (run.json: completed, same config)"
+                elif status == "pruned" and not plan.retry_pruned:
+                    pruned = J.read_json(Path(t.config.output_dir) / "run.json").get("pruned") or {}
+                    t.pruned = f"pruned at step {pruned.get('step', '?')} ({pruned.get('reason', 'no reason recorded')})"
+                    done = f"{t.pruned}; --retry-pruned trains it on"
             # a finished run is finished whatever became of the SFT model since; a cached reference is not
             settle(t, done, plan.record, plan.states, launching, deps_done=self.name == "reference")
         if conflicts:
@@ -273,6 +276,9 @@ class Training(Stage):
         return f"submitted {what}" + (f" (after {', '.join(after)})" if after else "")
 
     def finished_line(self, t: Target, result) -> str:
+        pruned = (result or {}).get("pruned")
+        if pruned:
+            return f"{t.key} pruned at step {pruned.get('step')}: {pruned.get('reason')}"
         evaluation = (result or {}).get("final_eval") or {}
         summary = [f"eval loss {evaluation['loss']:.4f}"] if "loss" in evaluation else []
         summary += [f"accuracy {evaluation['rewards/accuracies']:.3f}"] if "rewards/accuracies" in evaluation else []
@@ -282,15 +288,18 @@ class Training(Stage):
         row = {"run": t.key, "job": t.job_id or "-", "state": plan.states.get(t.key, "-")}
         if self.name == "reference":
             return {**row, "status": "-", "step": "-", "eval_loss": "-", "accuracy": "-", "margin": "-",
-                    "checkpoint": "-"}
+                    "checkpoint": "-", "note": "-"}
         out = Path(t.config.output_dir)
         train, evaluation = last_rows(out / "metrics.jsonl")
         checkpoints = sorted((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else []
-        return {**row, "status": J.read_json(out / "run.json").get("status", "-"),
+        info = J.read_json(out / "run.json")
+        pruned = info.get("pruned") or {}
+        return {**row, "status": info.get("status", "-"),
                 "step": f"{train.get('step', 0)}/{t.config.train.max_steps}",
                 "eval_loss": _fmt(evaluation.get("loss")), "accuracy": _fmt(evaluation.get("rewards/accuracies")),
                 "margin": _fmt(evaluation.get("rewards/margins")),
-                "checkpoint": "final" if (out / "final").is_dir() else (checkpoints[-1].name if checkpoints else "-")}
+                "checkpoint": "final" if (out / "final").is_dir() else (checkpoints[-1].name if checkpoints else "-"),
+                "note": f"pruned: {pruned.get('reason', '?')}" if info.get("status") == "pruned" else "-"}
 
 
 class Generation(Stage):
@@ -494,7 +503,14 @@ STAGES = {"sft": Training("sft"), "reference": Training("reference"), "dpo": Tra
 
 
 TRAINING_HEADERS = {"run": "run", "job": "job", "state": "state", "status": "run.json", "step": "step",
-                    "eval_loss": "eval loss", "accuracy": "accuracy", "margin": "margin", "checkpoint": "checkpoint"}
+                    "eval_loss": "eval loss", "accuracy": "accuracy", "margin": "margin", "checkpoint": "checkpoint",
+                    "note": "note"}
+
+
+def cost_status(plan: Plan) -> str:
+    """--status's last line: what the sweep's jobs used so far (costs.py) and an estimate of what is left."""
+    remaining = {name: sum(t.state != "completed" for t in plan.stage(name)) for name in ORDER}
+    return cost_line(job_costs(plan.out), remaining)
 
 
 def status_table(plan: Plan, names) -> tuple[list[dict], dict]:

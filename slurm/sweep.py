@@ -27,7 +27,8 @@ signal (USR2) or a preemption the run saves a checkpoint at the next step bounda
 resumes from it.
 
 Running the launcher again submits only what is missing or failed: a run is finished when its run.json says
-completed for the same resolved config, and a run whose job is still pending or running is left alone.
+completed for the same resolved config, or pruned (the sweep's prune: rules stopped it; --retry-pruned trains it
+on), and a run whose job is still pending or running is left alone.
 With --executor local or debug the launcher runs the stages one after another and waits.
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ from config import UserInputError
 from slurm.launch import launch
 from slurm.scheduler import cancel, read_record, scheduler_states, sweep_lock
 from slurm.spec import load_sweep
-from slurm.stages import TRAINING, Plan, print_table, status_table
+from slurm.stages import TRAINING, Plan, cost_status, print_table, status_table
 
 
 def say(message: str) -> None:
@@ -66,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--analyze", action="store_true",
                         help="the analysis stage: report/<name>/ from the sweep folder once its jobs have ended "
                              "(with --status: whether the report is current)")
+    parser.add_argument("--retry-pruned", action="store_true",
+                        help="train pruned runs on from their checkpoints (after loosening prune:), instead of "
+                             "counting them finished")
     parser.add_argument("overrides", nargs="*", help="sweep overrides: slurm.partition=gpu grid.loss.beta=[0.1,0.3]")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
     if args.generate + args.judge + args.analyze > 1:
@@ -79,9 +83,10 @@ def main(argv=None) -> int:
     stages = ["generate"] if args.generate else ["judge"] if args.judge else ["analyze"] if args.analyze else \
         list(TRAINING)
     try:
-        plan = Plan(load_sweep(args.config, args.overrides), args.config)
+        plan = Plan(load_sweep(args.config, args.overrides), args.config, retry_pruned=args.retry_pruned)
         if args.status:
             print_table(*status_table(plan.classify(), stages))
+            print(cost_status(plan))
             return 0
         if args.cancel:
             record = read_record(plan.out)

@@ -1,5 +1,6 @@
 """Training on tiny models with the real tokenizer and real HH data: SFT, every DPO loss, LoRA, freezing, resume,
 the NaN guard, the reference cache, two processes (DDP) and DeepSpeed ZeRO-2 on CPU."""
+import itertools
 import json
 import os
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from safetensors.torch import load_file
 
@@ -242,6 +244,68 @@ def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_dir, 
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
 
 
+def rows(margins=(), chosen=(), evals=()):
+    """metrics.jsonl rows: train rows with these margins and chosen log-probs (steps 1, 2, ...), eval losses."""
+    train = [{"step": i + 1, "split": "train", "rewards/margins": m, "logps/chosen": c}
+             for i, (m, c) in enumerate(itertools.zip_longest(margins, chosen, fillvalue=0.0))]
+    return train + [{"step": 2 * (i + 1), "split": "eval", "loss": x} for i, x in enumerate(evals)]
+
+
+@pytest.mark.parametrize("rules, history, reason", [
+    (["prune.margin_below=-1", "prune.patience=3"], rows(margins=[0.1, -2, -3, -4]), "margin collapse: rewards/margins "
+     "below -1 for 3 train logs in a row (-2.000, -3.000, -4.000 at steps 2-4)"),
+    (["prune.margin_below=-1", "prune.patience=3"], rows(margins=[-2, -3, 0.5, -4]), None),  # not in a row
+    (["prune.margin_below=-1", "prune.patience=3", "prune.min_steps=5"], rows(margins=[-2, -3, -4, -5]), None),
+    # chosen log-probs -10, -12, -15, -18 at steps 1-4: least-squares slope (-1.5·-4 + -.5·-2 + .5·1 + 1.5·4) / 5
+    # = (6 + 1 + 0.5 + 6) / 5 -> -2.7 nats/step
+    (["prune.chosen_logps_slope=2", "prune.patience=3"], rows(chosen=[-10, -12, -15, -18]),
+     "chosen log-probs falling 2.700 nats/step over steps 1-4 (more than 2)"),
+    (["prune.chosen_logps_slope=3", "prune.patience=3"], rows(chosen=[-10, -12, -15, -18]), None),
+    (["prune.eval_loss_rising=2"], rows(evals=[0.69, 0.68, 0.70, 0.72]),
+     "eval loss rising at 2 evals in a row (0.6800 -> 0.7000 -> 0.7200)"),
+    (["prune.eval_loss_rising=2"], rows(evals=[0.69, 0.70, 0.69, 0.72]), None),
+    ([], rows(margins=[-100] * 5), None),  # no rule set
+])
+def test_prune_rules_by_hand(tmp_path, tiny_dir, rules, history, reason):
+    cfg = config(tmp_path, tiny_dir, *rules)
+    assert train_dpo.prune_reason(cfg, history, history[-1]["step"]) == reason
+    sft = config(tmp_path, tiny_dir, "loss.name=sft", *rules)
+    assert train_dpo.prune_reason(sft, history, history[-1]["step"]) is None, "SFT is never pruned"
+
+
+def test_a_collapsing_run_is_pruned_checkpointed_and_resumes_when_retried(tmp_path, tiny_dir):
+    """High lr and β drive the tiny model's margins far below zero: the rule stops it at a step boundary with a
+    checkpoint, run.json says pruned (reason, step); the same config again resumes from that checkpoint (a sweep does
+    so only with --retry-pruned) and, with the rule loosened, trains to the end."""
+    collapse = ["train.max_steps=12", "train.lr=0.05", "loss.beta=5", "prune.margin_below=-10", "prune.patience=2"]
+    info = run_in_process(config(tmp_path, tiny_dir, *collapse))
+    assert info["status"] == "pruned" and info["pruned"]["step"] < 12, info.get("pruned")
+    assert info["pruned"]["reason"].startswith("margin collapse: rewards/margins below -10 for 2 train logs in a row")
+    step = info["pruned"]["step"]
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert saved["status"] == "pruned" and saved["last_checkpoint"].endswith(f"step-{step:06d}")
+    assert not (tmp_path / "run" / "final").exists(), "a pruned run writes no final model"
+    margins = [r["rewards/margins"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl")][-2:]
+    assert all(m < -10 for m in margins)
+    loosened = [*collapse[:-2], "prune.margin_below=-1.0e9", "prune.patience=2"]  # prune: may change on resume
+    again = run_in_process(config(tmp_path, tiny_dir, *loosened))
+    assert again["status"] == "completed" and again["resumed_from"].endswith(f"step-{step:06d}")
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"] == \
+        list(range(1, 13)), "resumed after the pruned step, nothing logged twice"
+
+
+def test_a_non_finite_loss_prunes_instead_of_failing_when_asked(tmp_path, tiny_dir, monkeypatch):
+    real_loss = train_dpo.objective_terms
+
+    def nan_loss(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        out.losses = out.losses + float("nan")
+        return out
+    monkeypatch.setattr(train_dpo, "objective_terms", nan_loss)
+    info = run_in_process(config(tmp_path, tiny_dir, "train.max_steps=3", "prune.non_finite=true"))
+    assert info["status"] == "pruned" and info["pruned"]["reason"].startswith("non-finite values: step 1: the loss is nan")
+
+
 def test_reference_cache_is_shared_across_betas(tmp_path, tiny_dir):
     first = run_in_process(config(tmp_path, tiny_dir, "train.max_steps=1", "loss.beta=0.1", f"output_dir={tmp_path / 'b1'}"))
     second = run_in_process(config(tmp_path, tiny_dir, "train.max_steps=1", "loss.beta=0.5", f"output_dir={tmp_path / 'b5'}"))
@@ -262,8 +326,25 @@ def test_bf16_autocast_and_gradient_checkpointing_run(tmp_path, tiny_dir):
 
 def test_config_change_in_a_used_output_dir_is_refused(tmp_path, tiny_dir):
     run_in_process(config(tmp_path, tiny_dir, "train.max_steps=1"))
-    with pytest.raises(train_dpo.UserInputError, match="differs from this run's config"):
+    with pytest.raises(train_dpo.UserInputError, match=r"differs from this run's config \(loss.beta: 0.1 -> 0.3\)"):
         run_in_process(config(tmp_path, tiny_dir, "train.max_steps=1", "loss.beta=0.3"))
+
+
+def test_a_run_folder_from_before_a_new_config_key_still_resumes(tmp_path, tiny_dir):
+    """config.yaml written before a key existed (here: the whole prune section and loss.wpo, removed from the file)
+    is the same config while the new keys keep their defaults; a changed prune rule is not a changed run."""
+    cfg = config(tmp_path, tiny_dir, "train.max_steps=2", "train.save_every=1")
+    run_in_process(cfg)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    del saved["prune"], saved["loss"]["wpo"]
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    (tmp_path / "run" / "run.json").write_text(json.dumps({**info, "status": "interrupted"}))
+    again = run_in_process(config(tmp_path, tiny_dir, "train.max_steps=2", "train.save_every=1",
+                                  "prune.eval_loss_rising=3"))
+    assert again["status"] == "completed"
+    with pytest.raises(train_dpo.UserInputError, match=r"loss.wpo: False -> True"):  # written whole on resume
+        run_in_process(config(tmp_path, tiny_dir, "train.max_steps=2", "train.save_every=1", "loss.wpo=true"))
 
 
 def launch(tmp_path, tiny_dir, launcher_args, env_extra, out):
