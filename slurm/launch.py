@@ -17,7 +17,7 @@ import submitit
 
 from config import UserInputError, to_yaml
 from slurm import jobs as J
-from slurm.scheduler import now, write_record
+from slurm.scheduler import now, record_costs, write_record
 from slurm.stages import ORDER, STAGES, TRAINING, Plan, Stage, Target, Training
 
 
@@ -27,6 +27,8 @@ def launch(plan: Plan, names, executor: str, dry_run: bool = False, say=print) -
     when a job failed or a target is blocked."""
     names = [n for n in ORDER if n in names]
     plan.classify(names)
+    if not dry_run and record_costs(plan.record, plan.states):  # ended Slurm jobs: what sacct says they used
+        write_record(plan.out, plan.record)
     todo = to_submit(plan, names, executor)
     for name in names:
         stage, targets = STAGES[name], plan.stage(name)
@@ -90,6 +92,7 @@ def prepare_submission(plan: Plan, todo: list[Target], executor: str, names: lis
     """Write the configs the jobs read (each training job's resolved config, the held-out pairs' config), snapshot
     the code, and open a submission in the sweep record."""
     for t in todo:
+        t.spec["costs"] = str(plan.out / "costs")  # where the job writes what it used (slurm/jobs.py record_cost)
         if t.job is not None:
             t.job.config_path.parent.mkdir(parents=True, exist_ok=True)
             t.job.config_path.write_text(f"# written by slurm/sweep.py for {plan.file}\n" + to_yaml(t.job.config))

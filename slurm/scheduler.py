@@ -89,6 +89,62 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     return states
 
 
+def _seconds(text: str) -> float:
+    """sacct's durations: MM:SS.mmm, HH:MM:SS or D-HH:MM:SS."""
+    days, _, rest = text.rpartition("-")
+    total = 0.0
+    for part in rest.split(":"):
+        total = total * 60 + float(part or 0)
+    return total + 86400 * int(days or 0)
+
+
+def _gigabytes(text: str) -> float:
+    """sacct's sizes: 123456K, 512M, 1.5G (bare numbers are bytes)."""
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    text = text.strip()
+    if not text:
+        return 0.0
+    return float(text[:-1]) * scale[text[-1]] / 2**30 if text[-1] in scale else float(text) / 2**30
+
+
+def _tres(text: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in text.split(",") if "=" in item)
+
+
+def slurm_costs(job_ids: list[str]) -> dict[str, dict]:
+    """job id -> {"records": one per run of the job (a requeue adds one), each {elapsed_s, cpu_s, max_rss_gb, cpus,
+    gpus, state}} from Slurm's accounting: the allocation's Elapsed and AllocTRES, the CPU time and the largest
+    MaxRSS of its steps. Jobs accounting does not know (yet) are left out; no sacct: {}."""
+    if not job_ids or not shutil.which("sacct"):
+        return {}
+    base = ",".join(sorted({j.split("_")[0] for j in job_ids}))
+    cmd = ["sacct", "-n", "-P", "--duplicates", "-o", "JobID,State,ElapsedRaw,TotalCPU,MaxRSS,AllocTRES", "-j", base]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    wanted, found, current = set(job_ids), {}, {}
+    for line in result.stdout.splitlines():
+        fields = line.split("|")
+        if len(fields) != 6:
+            continue
+        job_id, state, elapsed, cpu, rss, tres = fields
+        owner, dot, _ = job_id.partition(".")
+        if owner not in wanted:
+            continue
+        if not dot:  # the allocation: a new run of this job (its steps follow it)
+            allocated = _tres(tres)
+            current[owner] = {"state": (state.split() or ["UNKNOWN"])[0], "elapsed_s": float(elapsed or 0),
+                              "cpu_s": _seconds(cpu) if cpu else 0.0, "max_rss_gb": 0.0,
+                              "cpus": int(allocated.get("cpu", 0) or 0),
+                              "gpus": sum(int(v) for k, v in allocated.items() if k.startswith("gres/gpu") and
+                                          ":" not in k and v.isdigit())}
+            found.setdefault(owner, {"records": []})["records"].append(current[owner])
+        elif owner in current:
+            current[owner]["max_rss_gb"] = max(current[owner]["max_rss_gb"], round(_gigabytes(rss), 3))
+    return found
+
+
 def local_alive(pid: str, folder: Path) -> bool:
     """A local-executor job is its submitit controller (`python -m submitit.local._local <folder>`): the PID must
     still be that process, for this sweep's folder (PIDs are reused)."""
@@ -110,6 +166,18 @@ def scheduler_states(record: dict, out: Path) -> dict[str, str]:
         elif r.get("executor") == "debug":
             states[k] = "EXITED"
     return states
+
+
+def record_costs(record: dict, states: dict[str, str]) -> bool:
+    """Store Slurm's accounting of every recorded Slurm job that has ended (and has none stored yet) in the sweep
+    record, jobs.<key>.sacct; True when something was added (the caller writes the record, under the sweep lock)."""
+    ended = {k: r["job_id"] for k, r in record["jobs"].items() if r.get("executor") == "slurm" and "sacct" not in r
+             and states.get(k, "UNKNOWN") not in ACTIVE_STATES | {"UNKNOWN"}}
+    costs = slurm_costs(list(ended.values()))
+    for key, job_id in ended.items():
+        if job_id in costs:
+            record["jobs"][key]["sacct"] = {**costs[job_id], "read": now()}
+    return any(job_id in costs for job_id in ended.values())
 
 
 @contextlib.contextmanager
