@@ -1,11 +1,15 @@
 """Figures and tables from a sweep folder: finished, still running, or partly failed.
 
     python analyze_sweep.py --sweep logs/<sweep> [--out report/<sweep>] [--bootstrap 1000] [--seed 0]
+    python analyze_sweep.py --sweep logs/<small> --sweep logs/<large> [...] --out report/<name>   # compare sweeps
 
 Reads only what the sweep left on disk: the planned configs in <sweep>/configs/, each run's config.yaml, run.json
 and metrics.jsonl, and the judge's verdict files and summaries in <sweep>/judgments/. Never imports torch or vLLM.
 Writes <out>/README.md (the report), summary.csv, summary.md and figures/*.png + *.pdf, and says which runs are
 missing or incomplete (it plots the rest).
+
+With several --sweep (the small proxy first) it compares them instead: a β-stability map per model, win rate against
+β per model on one figure, and per β whether the small model's verdicts held for the larger ones.
 
 Statistics (stats.py, the module judge.py computes its summaries with): win rates with a percentile bootstrap over
 pairs; a length-controlled win rate in the manner of AlpacaEval 2 (Dubois et al. 2024); a Bradley-Terry ranking of
@@ -35,6 +39,7 @@ from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
 
 import objectives
 from config import UserInputError
+from costs import job_costs, run_costs, stage_costs, unit
 from jsonl import read_jsonl, summary_path
 from stats import (SCORE, DEGENERATE_BELOW, STYLE_FEATURES, bootstrap_ci, bradley_terry, combine, debiased_preference,
                    first_position_rate as rate_of_position_a, is_degenerate, lc_win_rate,
@@ -328,6 +333,18 @@ def effect_statements(table: pd.DataFrame, paired: pd.DataFrame) -> list[str]:
                                                           sig.iterrows()) + " differ from 50% at 95%; "
                                                  if not sig.empty else "none differs from 50% at 95%; ")
                    + f"{len(wr) - len(sig)} of {len(wr)} include 50% in their CI.")
+    soft = table[table["debiased_ci_low"].notna()] if "debiased_ci_low" in table else table.iloc[0:0]
+    if not soft.empty:
+        apart = soft[(soft["debiased_ci_low"] > 0.5) | (soft["debiased_ci_high"] < 0.5)]
+        out.append("Position-debiased win rates (the judge's probabilities, both orders averaged): " + (
+            ", ".join(f"{r['run']} {100 * r['debiased_win_rate']:.1f}% [{100 * r['debiased_ci_low']:.1f}, "
+                      f"{100 * r['debiased_ci_high']:.1f}]" for _, r in apart.iterrows())
+            + " exclude 50%: with position taken out the judge leans "
+            + ("toward" if (apart["debiased_win_rate"] > 0.5).all() else "away from" if
+               (apart["debiased_win_rate"] < 0.5).all() else "one way or the other for") + " these runs' answers, "
+            f"by {100 * (apart['debiased_win_rate'] - 0.5).abs().max():.1f} points of probability at most (a lean, "
+            f"not a win rate; it means what the judge's agreement with humans says it means)." if not apart.empty else
+            f"all {len(soft)} include 50%."))
     return out
 
 
@@ -572,6 +589,10 @@ def summarise(runs: list[Run], comparisons: dict[str, Comparison], generations: 
             plan = power_plan(scored["score"])
             row.update(soft, power_sd=plan["sd"], power_sd_source=plan["sd_source"], detectable=plan["detectable"],
                        prompts_needed=plan["needed"])
+            debiased = c.pairs["debiased"].dropna().astype(float)
+            if len(debiased) > 1:
+                soft_plan = power_plan(debiased)
+                row.update(debiased_sd=soft_plan["sd"], debiased_detectable=soft_plan["detectable"])
             row.update(judged=len(c.pairs), judge_errors=int((c.pairs["winner"] == "error").sum()),
                        judging=c.state, win_rate=float(scored["score"].mean()) if len(scored) else None,
                        win_rate_ci_low=ci[0], win_rate_ci_high=ci[1], lc_win_rate=lc["lc_win_rate"],
@@ -591,12 +612,76 @@ def summarise(runs: list[Run], comparisons: dict[str, Comparison], generations: 
                "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate", "lc_ci_low", "lc_ci_high", "length_coef", "lc_note",
                "bt_score", "bt_ci_low", "bt_ci_high", "weighted_win_rate", "weighted_ci_low", "weighted_ci_high",
                "debiased_win_rate", "debiased_ci_low", "debiased_ci_high", "bt_sc_score", "bt_sc_ci_low",
-               "bt_sc_ci_high", "detectable", "prompts_needed", "power_sd", "power_sd_source",
+               "bt_sc_ci_high", "detectable", "prompts_needed", "power_sd", "power_sd_source", "debiased_sd",
+               "debiased_detectable",
                "first_position_rate", "consistency", "mean_chars_candidate",
                "mean_chars_baseline", "answers", "mean_new_tokens", "hit_max_tokens",
                "eval_pairs", "eval_correct", "eval_accuracy_p", "eval_accuracy_ci_low", "eval_accuracy_ci_high",
                "eval_margin_ci_low", "eval_margin_ci_high", "significant", "degenerate"]
     return pd.DataFrame(rows).reindex(columns=columns), ranking
+
+
+SEED_METRICS = [("eval_accuracy", "eval reward accuracy", 3), ("eval_margin", "eval reward margin", 4),
+                ("eval_kl", "eval KL", 4), ("win_rate", "win rate", 3), ("debiased_win_rate", "debiased win rate", 3)]
+
+
+def beta_table(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per (objective, β): how many seeds, and per metric the mean over them, their standard deviation and
+    their range (min, max), from the per-run table."""
+    dpo = table[(table["loss"] != "sft") & table["beta"].notna()]
+    rows = []
+    for (loss, beta), group in dpo.groupby(["loss", "beta"]):
+        row = {"loss": loss, "beta": beta, "seeds": len(group)}
+        for column, _, _ in SEED_METRICS:
+            values = group[column].dropna().astype(float) if column in group else pd.Series(dtype=float)
+            row.update({f"{column}_mean": values.mean() if len(values) else None,
+                        f"{column}_sd": values.std(ddof=1) if len(values) > 1 else None,
+                        f"{column}_min": values.min() if len(values) else None,
+                        f"{column}_max": values.max() if len(values) else None})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def seed_statements(by_beta: pd.DataFrame) -> list[str]:
+    """Per objective and metric: when the differences between β (the range of the β means) are smaller than the
+    spread over seeds (the widest range among the β), this sweep cannot tell a β effect from seed noise."""
+    out = []
+    if by_beta.empty or by_beta["seeds"].max() < 2:
+        return out
+    for loss, group in by_beta.groupby("loss"):
+        if len(group) < 2 or group["seeds"].max() < 2:
+            continue
+        for column, label, digits in SEED_METRICS:
+            means = group[f"{column}_mean"].dropna()
+            spread = (group[f"{column}_max"] - group[f"{column}_min"])[group["seeds"] > 1].dropna()
+            if len(means) < 2 or spread.empty:
+                continue
+            effect, noise = float(means.max() - means.min()), float(spread.max())
+            if effect < noise:
+                out.append(f"{loss}: the β effect on the {label} (β means {means.min():.{digits}f}–"
+                           f"{means.max():.{digits}f}, a range of {effect:.{digits}f}) is smaller than the spread over "
+                           f"seeds ({noise:.{digits}f} within one β): seeds, not β, may explain it.")
+    return out
+
+
+def beta_markdown(by_beta: pd.DataFrame) -> list[str]:
+    if by_beta.empty or by_beta["seeds"].max() < 2:
+        return []
+    head = ["objective", "β", "seeds"] + [label for _, label, _ in SEED_METRICS]
+    lines = ["", "### Per β over seeds", "", "Mean ± standard deviation [min, max] over the seeds of each β:", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in by_beta.itertuples():
+        cells = [r.loss, f"{r.beta:g}", str(r.seeds)]
+        for column, _, digits in SEED_METRICS:
+            mean, sd = getattr(r, f"{column}_mean"), getattr(r, f"{column}_sd")
+            if mean is None or pd.isna(mean):
+                cells.append("–")
+                continue
+            text = f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None and pd.notna(sd) else "")
+            lo, hi = getattr(r, f"{column}_min"), getattr(r, f"{column}_max")
+            cells.append(text + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if r.seeds > 1 else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 BEST = [("eval_accuracy", "highest eval reward accuracy", max), ("eval_margin", "largest eval reward margin", max),
@@ -768,11 +853,10 @@ def curves_figure(runs: list[Run], split: str, colours: dict, out: Path) -> list
 def beta_axis(ax, betas) -> None:
     """A log beta axis labelled at the betas of the sweep, not at matplotlib's minor decades."""
     betas = sorted(set(betas))
-    ax.set_xscale("log")
+    ax.set_xlim(betas[0] / 2, betas[0] * 2) if len(betas) == 1 else ax.set_xlim(betas[0] / 1.3, betas[-1] * 1.3)
+    ax.set_xscale("log")  # after the limits: a panel with nothing drawn has none of its own to take a log of
     ax.set_xticks(betas, [f"{b:g}" for b in betas])
     ax.xaxis.set_minor_formatter(NullFormatter())
-    if len(betas) == 1:
-        ax.set_xlim(betas[0] / 2, betas[0] * 2)
     ax.set_xlabel("β")
 
 
@@ -835,6 +919,13 @@ def dpo_rows_of(table: pd.DataFrame, *required: str) -> pd.DataFrame:
     return table[keep]
 
 
+def _mean_lines(ax, dpo: pd.DataFrame, column: str) -> None:
+    """A grey line through the mean over seeds at each β, one per objective (the points show each seed)."""
+    for loss_i, (_, group) in enumerate(dpo.groupby("loss")):
+        means = group.groupby("beta")[column].mean().dropna()
+        ax.plot(means.index, means.values, LINESTYLES[loss_i % 4], color="grey", linewidth=0.8)
+
+
 def final_vs_beta_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[Path]:
     dpo = dpo_rows_of(table)
     if dpo.empty or dpo[["eval_accuracy", "eval_margin", "eval_kl"]].isna().all().all():
@@ -844,9 +935,7 @@ def final_vs_beta_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[
     panels = [("eval_accuracy", "final eval reward accuracy"), ("eval_margin", "final eval reward margin (nats)"),
               ("eval_kl", "final eval KL estimate (nats/token)")]
     for ax, (column, label) in zip(axes, panels):
-        for loss_i, (loss, group) in enumerate(dpo.groupby("loss")):
-            means = group.groupby("beta")[column].mean()
-            ax.plot(means.index, means.values, LINESTYLES[loss_i % 4], color="grey", linewidth=0.8)
+        _mean_lines(ax, dpo, column)
         low, high = f"{column}_ci_low", f"{column}_ci_high"  # 95% CIs where eval_pairs.jsonl gave them
         if low in dpo and dpo[low].notna().any():
             _points_vs_beta(ax, dpo, column, styles, colours, low, high)
@@ -870,6 +959,9 @@ def win_rate_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[Path]
         return []
     styles = run_styles(dpo)
     fig, axes = plt.subplots(1, 3, figsize=(TEXT_WIDTH_IN, 2.4), sharey=True)
+    _mean_lines(axes[0], dpo, "win_rate")
+    _mean_lines(axes[1], dpo, "debiased_win_rate")
+    _mean_lines(axes[2], dpo, "lc_win_rate")
     _points_vs_beta(axes[0], dpo, "win_rate", styles, colours, "win_rate_ci_low", "win_rate_ci_high")
     axes[0].set_title("win rate vs SFT (verdicts)")
     # weighted hollow (it still carries the judge's position bias), debiased filled, side by side
@@ -888,8 +980,8 @@ def win_rate_figure(table: pd.DataFrame, colours: dict, out: Path) -> list[Path]
         ax.set_ylim(-0.02, 1.02)
     axes[0].set_ylabel("rate (ties = ½)")
     _loss_legend(axes[0], dpo, styles)
-    fig.suptitle("DPO vs SFT with 95% bootstrap CIs (one point per run; hollow in the left and right panels = "
-                 "flagged)", y=1.02)
+    fig.suptitle("DPO vs SFT with 95% bootstrap CIs (one point per run, grey line = mean over seeds; hollow in the "
+                 "left and right panels = flagged)", y=1.02)
     fig.tight_layout()
     return save(fig, out, "win_rate_vs_beta")
 
@@ -1123,6 +1215,11 @@ def power_statements(table: pd.DataFrame, between: pd.DataFrame) -> list[str]:
     needed = judged["prompts_needed"].dropna()
     text += "; " + (f"telling the runs' observed win rates from 50% would need {int(needed.min())}–{int(needed.max())} "
                     f"prompts." if len(needed) else "no run's win rate differs from 50% at all.")
+    soft = judged[judged["debiased_sd"].notna()] if "debiased_sd" in judged else judged.iloc[0:0]
+    if not soft.empty:
+        widest = soft.loc[soft["debiased_detectable"].idxmax()]
+        text += (f" On the position-debiased win rate (per-prompt sd {widest['debiased_sd']:.3f}) the same prompts "
+                 f"detect ±{100 * widest['debiased_detectable']:.1f} points of probability.")
     return [text]
 
 
@@ -1199,6 +1296,37 @@ def injection_lines(comparisons: dict[str, Comparison]) -> list[str]:
     return lines
 
 
+def cost_lines(sweep: Path, table: pd.DataFrame) -> list[str]:
+    """What the sweep's jobs used (costs.py: Slurm's accounting where the launcher stored it, else each job's own
+    record), per stage and per run, and per point of win rate over SFT."""
+    jobs = job_costs(sweep)
+    if not jobs:
+        return []
+    what = unit(jobs.values())
+    lines = ["", "### Cost", "", f"Allocated {what} (cores or GPUs × wall time), per stage, from "
+             f"{' and '.join(sorted({c.source for c in jobs.values()}))} records (`costs/`, `sweep.json`):", "",
+             f"| stage | jobs | wall h | {what} | CPU h used | peak RSS GB | requeues |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {'**total**' if r['what'] == 'total' else r['what']} | {r['jobs']} | {r['wall_h']:.3f} | "
+              f"{r['hours']:.3f} | {r['cpu_h_used']:.3f} | {r['max_rss_gb']:.2f} | {r['requeues']} |"
+              for r in stage_costs(jobs)]
+    runs = run_costs(jobs)
+    rates = table.set_index("run")["win_rate"].to_dict() if "win_rate" in table else {}
+    rows = []
+    for run, r in sorted(runs.items()):
+        if run == "sft":
+            continue
+        rate = rates.get(run)
+        points = None if rate is None or pd.isna(rate) else 100 * (rate - 0.5)
+        per_point = f"{r['hours'] / points:.3f}" if points and points > 0 else "– (no gain over SFT)"
+        rows.append(f"| {run} | {r['jobs']} | {r['hours']:.3f} | {'–' if points is None else f'{points:+.1f}'} | "
+                    f"{per_point} |")
+    if rows:
+        lines += ["", f"Per DPO run (its training, answers and judging; SFT, the reference and calibration are shared, "
+                      f"{sum(r['hours'] for n, r in runs.items() if n == 'sft'):.3f} {what} for SFT):", "",
+                  f"| run | jobs | {what} | win-rate points over SFT | {what} per point |", "|---|---|---|---|---|"] + rows
+    return lines
+
+
 def power_lines(table: pd.DataFrame, between: pd.DataFrame) -> list[str]:
     judged = table[table["detectable"].notna()] if "detectable" in table else table.iloc[0:0]
     if judged.empty:
@@ -1258,8 +1386,9 @@ def write_report(out: Path, sweep: Path, runs, comparisons, generations, table, 
     if generations:
         lines += [f"- no answers yet from **{r.name}** (`generations/{r.name}.jsonl`)" for r in runs
                   if r.name not in generations and r.status == "completed"]
-    warned = effect_statements(table, paired) + judge_warnings(table, calibration, comparisons) + \
-        power_statements(table, between)
+    by_beta = beta_table(table)
+    warned = effect_statements(table, paired) + seed_statements(by_beta) + \
+        judge_warnings(table, calibration, comparisons) + power_statements(table, between)
     if warned:
         lines += ["", "## Read this first", ""] + [f"- {w}" for w in warned]
     lines += ["", "## Results", "", markdown_table(table), "", "Win rates count ties as ½; judge errors are counted "
@@ -1276,6 +1405,7 @@ def write_report(out: Path, sweep: Path, runs, comparisons, generations, table, 
                   f"{r.accuracy_diff_ci_high:+.3f}] | {r.logratio_margin_diff:+.3f} [{r.logratio_margin_diff_ci_low:+.3f}, "
                   f"{r.logratio_margin_diff_ci_high:+.3f}] |" for r in paired.itertuples()]
         lines += ["", "Log-ratio margin = reward margin / β (nats): comparable across β. CIs: paired bootstrap over pairs."]
+    lines += beta_markdown(by_beta)
     lines += ["",
               "### Best run per criterion", "", best_markdown(best)]
     if not ranking.empty:
@@ -1296,6 +1426,7 @@ def write_report(out: Path, sweep: Path, runs, comparisons, generations, table, 
     lines += panel_lines(calibration, comparisons)
     lines += power_lines(table, between)
     lines += injection_lines(comparisons)
+    lines += cost_lines(sweep, table)
     by_set = pd.concat([c.pairs.assign(run=name) for name, c in comparisons.items() if not c.pairs.empty] or [pd.DataFrame()])
     if not by_set.empty and by_set["prompt_set"].nunique() > 1:
         pivot = by_set.dropna(subset=["score"]).pivot_table(index="run", columns="prompt_set", values="score",
@@ -1377,8 +1508,206 @@ def describe_state(run: Run) -> str:
     if run.status == "missing":
         return "missing — planned, never started (no run folder)"
     progress = f"step {run.last_step}/{run.max_steps}" if run.max_steps else f"step {run.last_step}"
+    pruned = run.info.get("pruned") if isinstance(run.info.get("pruned"), dict) else None
+    if run.status == "pruned" and pruned:
+        return f"pruned at step {pruned.get('step', run.last_step)}/{run.max_steps or '?'}: {pruned.get('reason')}"
     why = f": {run.info['error']}" if run.info.get("error") else ""
     return f"{run.status} at {progress}{why}"
+
+
+# ---------------------------------------------------------------- comparing sweeps (small proxy to large model)
+
+
+COLLAPSE_FLAGS = ("margin-collapse", "non-finite")
+
+
+def beta_verdicts(a: Analysed) -> pd.DataFrame:
+    """One row per (objective, β) of a sweep: its seeds, whether training held (stable) or collapsed (a run flagged
+    margin-collapse or non-finite, pruned or failed), the final eval metrics' mean and range over seeds, and the
+    verdict against SFT: better or worse where every seed's win-rate CI lies above or below 50%, else no difference."""
+    dpo = [r for r in a.runs if r.kind == "dpo" and r.beta is not None]
+    table = a.table.set_index("run")
+    rows = []
+    for (loss, beta) in sorted({(r.loss_type, r.beta) for r in dpo}):
+        group = [r for r in dpo if (r.loss_type, r.beta) == (loss, beta)]
+        broken = [f"{r.name}: " + (", ".join(f for f in r.flags if f in COLLAPSE_FLAGS) or r.status) for r in group
+                  if any(f in r.flags for f in COLLAPSE_FLAGS) or r.status in ("pruned", "failed")]
+        row = {"sweep": a.sweep.name, "model": a.label, "loss": loss, "beta": beta, "seeds": len(group),
+               "stability": "collapsed" if broken else "stable", "why": "; ".join(broken)}
+        for column in ("eval_accuracy", "eval_margin", "eval_kl", "win_rate"):
+            values = table.loc[[r.name for r in group], column].dropna().astype(float)
+            row.update({column: values.mean() if len(values) else None,
+                        f"{column}_min": values.min() if len(values) else None,
+                        f"{column}_max": values.max() if len(values) else None})
+        lows = table.loc[[r.name for r in group], "win_rate_ci_low"].astype(float)
+        highs = table.loc[[r.name for r in group], "win_rate_ci_high"].astype(float)
+        row["vs_sft"] = ("not judged" if lows.isna().all() else "better" if (lows > 0.5).all() else
+                         "worse" if (highs < 0.5).all() else "no difference")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def transfer_rows(verdicts: list[pd.DataFrame]) -> pd.DataFrame:
+    """Per (objective, β) the first (small) sweep shares with each later one: did its verdicts hold?"""
+    small, rows = verdicts[0], []
+    for large in verdicts[1:]:
+        for _, s in small.iterrows():
+            match = large[(large["loss"] == s["loss"]) & np.isclose(large["beta"], s["beta"])]
+            if match.empty:
+                continue
+            l_row = match.iloc[0]
+            judged = "not judged" not in (s["vs_sft"], l_row["vs_sft"])
+            rows.append({"loss": s["loss"], "beta": s["beta"], "small": s["model"], "large": l_row["model"],
+                         "small_stability": s["stability"], "large_stability": l_row["stability"],
+                         "stability_held": s["stability"] == l_row["stability"],
+                         "small_vs_sft": s["vs_sft"], "large_vs_sft": l_row["vs_sft"],
+                         "vs_sft_held": (s["vs_sft"] == l_row["vs_sft"]) if judged else None})
+    return pd.DataFrame(rows, columns=["loss", "beta", "small", "large", "small_stability", "large_stability",
+                                       "stability_held", "small_vs_sft", "large_vs_sft", "vs_sft_held"])
+
+
+def _cell(r) -> str:
+    if r is None:
+        return "–"
+    text = f"**{r['stability']}**" if r["stability"] == "collapsed" else r["stability"]
+    parts = []
+    for column, name, spec in (("eval_accuracy", "acc", ".3f"), ("eval_margin", "margin", "+.3f"), ("eval_kl", "KL", ".4f")):
+        if r[column] is not None and pd.notna(r[column]):
+            spread = (f" [{r[f'{column}_min']:{spec}}, {r[f'{column}_max']:{spec}}]" if r["seeds"] > 1 else "")
+            parts.append(f"{name} {r[column]:{spec}}{spread}")
+    if r["win_rate"] is not None and pd.notna(r["win_rate"]):
+        parts.append(f"win {100 * r['win_rate']:.1f}% ({r['vs_sft']})")
+    return text + (": " + ", ".join(parts) if parts else "") + (f" ({r['why']})" if r["why"] else "")
+
+
+def compare_figures(verdicts: list[pd.DataFrame], out: Path) -> list[Path]:
+    """compare_stability_vs_beta: final eval margin, accuracy and KL against β, one line per model (collapsed β
+    drawn as ×); compare_win_rate_vs_beta: every model's win rate against its own SFT on one axis."""
+    colours = plt.get_cmap("tab10")
+    paths = []
+    fig, axes = plt.subplots(1, 3, figsize=(TEXT_WIDTH_IN, 2.4))
+    for ax, (column, label) in zip(axes, [("eval_margin", "final eval reward margin (nats)"),
+                                          ("eval_accuracy", "final eval reward accuracy"),
+                                          ("eval_kl", "final eval KL (nats/token)")]):
+        for i, v in enumerate(verdicts):
+            for loss, group in v.groupby("loss"):
+                group = group.dropna(subset=[column]).sort_values("beta")
+                if group.empty:
+                    continue
+                ax.plot(group["beta"], group[column], "-", color=colours(i), linewidth=1.0,
+                        label=f"{group['model'].iloc[0]}" + (f" {loss}" if v["loss"].nunique() > 1 else ""))
+                for _, r in group.iterrows():
+                    ax.plot([r["beta"]], [r[column]], "x" if r["stability"] == "collapsed" else "o", color=colours(i),
+                            markersize=5 if r["stability"] == "collapsed" else 3.5)
+                    if r["seeds"] > 1:
+                        ax.plot([r["beta"]] * 2, [r[f"{column}_min"], r[f"{column}_max"]], "-", color=colours(i),
+                                linewidth=0.6)
+        beta_axis(ax, pd.concat([v["beta"] for v in verdicts]))
+        ax.set_ylabel(label)
+        if column == "eval_accuracy":
+            ax.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
+    fig.suptitle("β stability per model (× = collapsed; bars = range over seeds)", y=1.02)
+    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(labels)), frameon=False)
+    paths += save(fig, out, "compare_stability_vs_beta")
+    judged = [v.dropna(subset=["win_rate"]) for v in verdicts if v["win_rate"].notna().any()]
+    if judged:
+        fig, ax = plt.subplots(figsize=(COLUMN_WIDTH_IN, 2.4))
+        for i, v in enumerate(verdicts):
+            group = v.dropna(subset=["win_rate"]).sort_values("beta")
+            if group.empty:
+                continue
+            ax.plot(group["beta"], group["win_rate"], "-o", color=colours(i), markersize=3.5, linewidth=1.0,
+                    label=group["model"].iloc[0])
+            for _, r in group.iterrows():
+                ax.plot([r["beta"]] * 2, [r["win_rate_min"], r["win_rate_max"]], "-", color=colours(i), linewidth=0.6)
+        ax.axhline(0.5, color="grey", linewidth=0.6, linestyle=":")
+        beta_axis(ax, pd.concat([v["beta"] for v in judged]))
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel("win rate vs its own SFT")
+        ax.legend(frameon=False, fontsize=6)
+        ax.set_title("win rate vs β, per model")
+        fig.tight_layout()
+        paths += save(fig, out, "compare_win_rate_vs_beta")
+    return paths
+
+
+def compare(args, argv: list[str]) -> int:
+    """The comparison of several sweeps (the small proxy first): a β-stability map, win rate against β per model,
+    and whether each of the small model's verdicts held for the larger ones."""
+    sweeps = [Path(s) for s in args.sweep]
+    out = Path(args.out) if args.out else Path("report") / ("compare_" + "_".join(s.name for s in sweeps))
+    if out.exists() and not out.is_dir():
+        raise AnalysisError(f"--out {out}: exists and is not a folder")
+    analysed = [load_analysis(s, args) for s in sweeps]
+    verdicts = [beta_verdicts(a) for a in analysed]
+    if any(v.empty for v in verdicts):
+        empty = next(a.sweep for a, v in zip(analysed, verdicts) if v.empty)
+        raise AnalysisError(f"--sweep {empty}: no DPO run with a β to compare")
+    transfer = transfer_rows(verdicts)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    pd.concat(verdicts, ignore_index=True).to_csv(out / "per_beta.csv", index=False)
+    transfer.to_csv(out / "transfer.csv", index=False)
+    plt.rcParams.update(FIGURE_STYLE)
+    figures = compare_figures(verdicts, out / "figures")
+    models = [a.label for a in analysed]
+    lines = [f"# Comparing {len(sweeps)} sweeps: {' → '.join(models)}", "",
+             f"Generated by `python analyze_sweep.py {' '.join(argv)}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} "
+             f"UTC from the sweeps' own files. The first sweep is the small proxy; each later one is checked against "
+             f"it.", "", "## Sweeps", ""]
+    for a in analysed:
+        dpo = [r for r in a.runs if r.kind == "dpo"]
+        lines.append(f"- **{a.label}**: `{a.sweep}`, {len(dpo)} DPO run(s), β ∈ "
+                     f"{{{', '.join(_num(b) for b in sorted({r.beta for r in dpo if r.beta is not None}))}}}, "
+                     f"{len(a.comparisons)} judged; its own report: `python analyze_sweep.py --sweep {a.sweep}`.")
+    read_first = []
+    if not transfer.empty:
+        held = transfer["stability_held"].sum()
+        read_first.append(f"Stability transferred at {held} of {len(transfer)} shared β: " + (
+            "the small model's collapsed/stable verdict held everywhere." if held == len(transfer) else
+            "; ".join(f"β {r['beta']:g}: {r['small_stability']} for the small model, {r['large_stability']} for "
+                      f"{r['large']}" for _, r in transfer[~transfer["stability_held"]].iterrows()) + "."))
+        judged = transfer.dropna(subset=["vs_sft_held"])
+        if not judged.empty:
+            read_first.append(f"The verdict against SFT (better / worse / no difference at 95%) held at "
+                              f"{int(judged['vs_sft_held'].sum())} of {len(judged)} shared β.")
+    collapsed = [f"{v['model'].iloc[0]}: β {', '.join(_num(b) for b in v.loc[v['stability'] == 'collapsed', 'beta'])}"
+                 for v in verdicts if (v["stability"] == "collapsed").any()]
+    read_first.append("Collapsed: " + ("; ".join(collapsed) if collapsed else "no β in any sweep") + ".")
+    lines += ["", "## Read this first", ""] + [f"- {x}" for x in read_first]
+    betas = sorted({(r["loss"], r["beta"]) for v in verdicts for _, r in v.iterrows()})
+    lines += ["", "## β-stability map", "", "| objective | β | " + " | ".join(models) + " |",
+              "|---|---|" + "---|" * len(models)]
+    for loss, beta in betas:
+        cells = []
+        for v in verdicts:
+            match = v[(v["loss"] == loss) & np.isclose(v["beta"], beta)]
+            cells.append(_cell(match.iloc[0]) if not match.empty else "–")
+        lines.append(f"| {loss} | {beta:g} | " + " | ".join(cells) + " |")
+    lines += ["", "Final held-out eval metrics, mean over seeds [range]; win rate against the model's own SFT and its "
+                  "verdict at 95%. *Collapsed*: a run flagged margin-collapse or non-finite, pruned or failed."]
+    if not transfer.empty:
+        lines += ["", "## Did the small model's verdict hold?", "",
+                  "| objective | β | large model | stability: small → large | held | vs SFT: small → large | held |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['loss']} | {r['beta']:g} | {r['large']} | {r['small_stability']} → {r['large_stability']} | "
+                  f"{'yes' if r['stability_held'] else '**no**'} | {r['small_vs_sft']} → {r['large_vs_sft']} | "
+                  f"{'–' if r['vs_sft_held'] is None else 'yes' if r['vs_sft_held'] else '**no**'} |"
+                  for _, r in transfer.iterrows()]
+    lines += ["", "## Figures", ""]
+    captions = {"compare_stability_vs_beta": "Final eval margin, accuracy and KL against β, one line per model; "
+                                             "× = collapsed, bars = range over seeds.",
+                "compare_win_rate_vs_beta": "Win rate against each model's own SFT, against β, one line per model; "
+                                            "bars = range over seeds."}
+    for path in figures:
+        if path.suffix == ".png":
+            lines += [f"![{path.stem}](figures/{path.name})", "", f"*{captions[path.stem]}* ([PDF](figures/"
+                      f"{path.stem}.pdf))", ""]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    print(f"[analyze] compared {', '.join(models)}; " + " ".join(x.replace("**", "") for x in read_first), flush=True)
+    print(f"[analyze] wrote {out}/README.md, per_beta.csv, transfer.csv and {len(figures)} figure files", flush=True)
+    return 0
 
 
 # ---------------------------------------------------------------- main
@@ -1386,8 +1715,11 @@ def describe_state(run: Run) -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sweep", required=True, help="the sweep folder, e.g. logs/default")
-    parser.add_argument("--out", help="report folder (default: report/<sweep folder name>)")
+    parser.add_argument("--sweep", required=True, action="append",
+                        help="the sweep folder, e.g. logs/default; several (repeat --sweep, the small proxy first): "
+                             "the comparison of their β sweeps, model by model")
+    parser.add_argument("--out", help="report folder (default: report/<sweep folder name>, or for a comparison "
+                                      "report/compare_<names>)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for LC and BT intervals")
     parser.add_argument("--seed", type=int, default=0, help="seed of every bootstrap")
     parser.add_argument("--collapse-margin", type=float, default=1.0,
@@ -1402,7 +1734,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     try:
-        return analyse(args, argv)
+        return analyse(args, argv) if len(args.sweep) == 1 else compare(args, argv)
     except AnalysisError as e:
         print(f"error: {e}", file=sys.stderr)
     except OSError as e:  # an unwritable --out, a file vanishing under a running sweep
@@ -1410,17 +1742,36 @@ def main(argv=None) -> int:
     return 2
 
 
-def analyse(args, argv: list[str]) -> int:
-    sweep = Path(args.sweep)
-    out = Path(args.out) if args.out else Path("report") / sweep.name
+@dataclass
+class Analysed:
+    """One sweep read and tabled: what the report and a comparison of sweeps are made from."""
+    sweep: Path
+    runs: list[Run]
+    comparisons: dict[str, Comparison]
+    calibration: dict | None
+    generations: dict[str, dict]
+    table: pd.DataFrame
+    ranking: pd.DataFrame
+    problems: list[str]
+
+    @property
+    def label(self) -> str:
+        """The sweep and its model: `gpt2 (sweep_gpt2, 124.4M parameters)`."""
+        sft = next((r for r in self.runs if r.kind == "sft" and r.config), None) or \
+            next((r for r in self.runs if r.config), None)
+        model = Path(str(_get(sft.config, "model.path", "?"))).name if sft else "?"
+        total = next((r.info.get("parameters", {}).get("total") for r in self.runs
+                      if isinstance(r.info.get("parameters"), dict) and r.info["parameters"].get("total")), None)
+        return f"{model} ({self.sweep.name}" + (f", {total / 1e6:.1f}M parameters)" if total else ")")
+
+
+def load_analysis(sweep: Path, args) -> Analysed:
     if not sweep.is_dir():
         raise AnalysisError(f"--sweep {sweep}: no such folder (a sweep's folder is <root>/<name>, e.g. logs/default)")
     runs = load_runs(sweep)
     if not runs:
         raise AnalysisError(f"--sweep {sweep}: no runs here (no configs/*.yaml, no folder with run.json or "
                             f"metrics.jsonl): is this a sweep folder?")
-    if out.exists() and not out.is_dir():
-        raise AnalysisError(f"--out {out}: exists and is not a folder")
     for run in runs:
         run.flags = stability_flags(run, args.collapse_margin)
     problems: list[str] = []  # files outside the runs that could not be read: named in the report, then skipped
@@ -1439,6 +1790,17 @@ def analyse(args, argv: list[str]) -> int:
         calibration = None
     generations = load_generations(sweep, comparisons, problems)
     table, ranking = summarise(runs, comparisons, generations, args.seed, args.bootstrap)
+    return Analysed(sweep, runs, comparisons, calibration, generations, table, ranking, problems)
+
+
+def analyse(args, argv: list[str]) -> int:
+    sweep = Path(args.sweep[0])
+    out = Path(args.out) if args.out else Path("report") / sweep.name
+    if out.exists() and not out.is_dir():
+        raise AnalysisError(f"--out {out}: exists and is not a folder")
+    a = load_analysis(sweep, args)
+    runs, comparisons, calibration, generations, table, ranking, problems = (
+        a.runs, a.comparisons, a.calibration, a.generations, a.table, a.ranking, a.problems)
     between = power_between(comparisons)
     paired = paired_differences(runs, args.seed, args.bootstrap)
     best = best_runs(table)
@@ -1468,6 +1830,9 @@ def analyse(args, argv: list[str]) -> int:
         paired.to_csv(out / "paired_differences.csv", index=False)
     if not between.empty:
         between.to_csv(out / "power_between_runs.csv", index=False)
+    by_beta = beta_table(table)
+    if not by_beta.empty:
+        by_beta.to_csv(out / "per_beta.csv", index=False)
     (out / "summary.md").write_text(markdown_table(table) + "\n\n## Best run per criterion\n\n" + best_markdown(best) + "\n")
     colours = beta_colours(runs)
     plt.rcParams.update(FIGURE_STYLE)

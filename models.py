@@ -137,14 +137,16 @@ def load_model(path: str, dtype: str = "float32"):
         raise _hub_error("model", path, e) from None
 
 
-def tiny_config(arch: str, vocab_size: int, bos_token_id=None, eos_token_id=None, pad_token_id=None):
-    """A 2-layer, 64-wide config of a real architecture: seconds to run, same code paths as the big ones."""
+def tiny_config(arch: str, vocab_size: int, bos_token_id=None, eos_token_id=None, pad_token_id=None, width: int = 64,
+                layers: int = 2):
+    """A 2-layer, 64-wide config of a real architecture (or `width` wide, `layers` deep: a second size for the
+    small-to-large comparison): seconds to run, same code paths as the big ones."""
     from transformers import GPT2Config, LlamaConfig, MistralConfig
 
     special = dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
     if arch == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_positions=1024, n_embd=64, n_layer=2, n_head=4, **special)
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        return GPT2Config(vocab_size=vocab_size, n_positions=1024, n_embd=width, n_layer=layers, n_head=4, **special)
+    common = dict(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   tie_word_embeddings=True, **special)
     if arch == "llama":
@@ -154,20 +156,22 @@ def tiny_config(arch: str, vocab_size: int, bos_token_id=None, eos_token_id=None
     raise ModelError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHS)}")
 
 
-def build_tiny_model(arch: str, tokenizer, seed: int = 0):
+def build_tiny_model(arch: str, tokenizer, seed: int = 0, width: int = 64, layers: int = 2):
     """A randomly initialised tiny model whose vocabulary matches a real tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = tiny_config(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    config = tiny_config(arch, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                         width, layers)
     return AutoModelForCausalLM.from_config(config)
 
 
-def save_tiny_model(arch: str, out_dir: Path, tokenizer_path: str = str(DEFAULT_MODEL_DIR), seed: int = 0) -> Path:
+def save_tiny_model(arch: str, out_dir: Path, tokenizer_path: str = str(DEFAULT_MODEL_DIR), seed: int = 0,
+                    width: int = 64, layers: int = 2) -> Path:
     """Write a tiny model with the real tokenizer (and its chat template) to a checkpoint folder."""
     tokenizer = load_tokenizer(tokenizer_path)
-    model = build_tiny_model(arch, tokenizer, seed)
+    model = build_tiny_model(arch, tokenizer, seed, width, layers)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -184,6 +188,8 @@ def main(argv=None) -> int:
     tiny.add_argument("--arch", choices=TINY_ARCHS, required=True)
     tiny.add_argument("--out", type=Path, required=True)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--width", type=int, default=64, help="hidden size (default 64)")
+    tiny.add_argument("--layers", type=int, default=2, help="transformer layers (default 2)")
     args = parser.parse_args(argv)
     try:
         if args.command == "prepare":
@@ -193,7 +199,8 @@ def main(argv=None) -> int:
             state = "already prepared" if already else f"prepared in {info['seconds']} s"
             print(f"default model {state}: {out} ({info['parameters'] / 1e6:.1f}M parameters, {info['dtype']})")
         else:
-            print(f"tiny {args.arch} model written to {save_tiny_model(args.arch, args.out, seed=args.seed)}")
+            path = save_tiny_model(args.arch, args.out, seed=args.seed, width=args.width, layers=args.layers)
+            print(f"tiny {args.arch} model written to {path}")
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

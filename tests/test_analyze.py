@@ -573,3 +573,78 @@ def test_a_panel_soft_rates_style_control_power_and_injection_in_the_report(swee
     assert "Between j1@hh-v1 and j2@mt-bench-v2: κ +0.250 [-0.100, +0.600]" in report
     assert (tmp_path / "report" / "power_between_runs.csv").is_file()
     assert "debiased" in capsys.readouterr().out
+
+
+def test_seeds_give_each_beta_a_mean_and_spread_and_the_report_says_when_beta_is_within_it(tmp_path, capsys):
+    """β 0.1: seeds at accuracy 0.60 and 0.80 (mean 0.70, sd 0.1414, range 0.20); β 0.5: 0.70 and 0.72 (mean 0.71).
+    The β means differ by 0.01, less than the 0.20 the seeds of one β differ by: said. The margins, 0.4 at β 0.1
+    against 2.0 at β 0.5 with no spread at all, are a β effect: not said."""
+    s = tmp_path / "logs" / "seeds"
+    write_run(s, "sft", config("sft", loss="sft"), [{"step": 1, "split": "train", "loss": 2.0}])
+    for beta, accuracies, margin in ((0.1, (0.60, 0.80), 0.05), (0.5, (0.70, 0.72), 0.25)):
+        for seed, acc in enumerate(accuracies):
+            name = f"beta{beta:g}_seed{seed}"
+            write_run(s, name, config(name, beta, seed), dpo_rows(accuracy=lambda k, a=acc: a,
+                                                                  margin=lambda k, m=margin: m * k))
+    analyse(s, tmp_path / "report")
+    per_beta = pd.read_csv(tmp_path / "report" / "per_beta.csv").set_index("beta")
+    assert per_beta.loc[0.1, "seeds"] == 2 and per_beta.loc[0.1, "eval_accuracy_mean"] == pytest.approx(0.70)
+    assert per_beta.loc[0.1, "eval_accuracy_sd"] == pytest.approx(0.141421, abs=1e-5)
+    assert (per_beta.loc[0.1, "eval_accuracy_min"], per_beta.loc[0.1, "eval_accuracy_max"]) == pytest.approx((0.6, 0.8))
+    report = (tmp_path / "report" / "README.md").read_text()
+    read_first = report.split("## Read this first")[1].split("## Results")[0]
+    assert ("sigmoid: the β effect on the eval reward accuracy (β means 0.700–0.710, a range of 0.010) is smaller than "
+            "the spread over seeds (0.200 within one β)") in read_first
+    assert "effect on the eval reward margin" not in read_first
+    assert "### Per β over seeds" in report and "| sigmoid | 0.1 | 2 | 0.700 ± 0.141 [0.600, 0.800] |" in report
+
+
+def test_the_cost_records_by_hand(tmp_path):
+    """costs.py: a local job's two attempts (each its own line); a Slurm job on 2 nodes with 4 GPUs each, requeued
+    once (two attempts: 100 s then 50 s of wall, per node); and sacct's records for another job, which win over its
+    own. GPU-hours = 2 nodes · 4 GPUs · (100 + 50) s / 3600 = 0.3333."""
+    import costs
+
+    sweep = tmp_path / "s"
+    (sweep / "costs").mkdir(parents=True)
+    local = [{"key": "generate/sft", "elapsed_s": 36.0, "cpu_s": 70.0, "max_rss_gb": 1.5, "cpus": 2, "gpus": 0,
+              "job_id": "", "requeues": 0}] * 2
+    slurm = [{"key": "beta0.1_seed0", "elapsed_s": e, "cpu_s": 10.0, "max_rss_gb": 3.0, "cpus": 8, "gpus": 4,
+              "job_id": "7_0", "requeues": r, "node": n} for r, e in ((0, 100.0), (1, 50.0)) for n in (0, 1)]
+    own = [{"key": "judge/beta0.1_seed0", "elapsed_s": 999.0, "cpu_s": 1.0, "cpus": 1, "gpus": 0, "job_id": "8"}]
+    for key, rows in (("generate__sft", local), ("beta0.1_seed0", slurm), ("judge__beta0.1_seed0", own)):
+        (sweep / "costs" / f"{key}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "{torn")
+    (sweep / "sweep.json").write_text(json.dumps({"jobs": {"judge/beta0.1_seed0": {"job_id": "8", "sacct": {"records": [
+        {"elapsed_s": 60.0, "cpu_s": 100.0, "max_rss_gb": 2.0, "cpus": 2, "gpus": 1},
+        {"elapsed_s": 30.0, "cpu_s": 50.0, "max_rss_gb": 2.5, "cpus": 2, "gpus": 1}]}}}}))
+    jobs = costs.job_costs(sweep)
+    gen, train, judged = jobs["generate/sft"], jobs["beta0.1_seed0"], jobs["judge/beta0.1_seed0"]
+    assert (gen.attempts, gen.elapsed_s, gen.cpu_hours, gen.gpu_hours) == (2, 72.0, pytest.approx(144 / 3600), 0.0)
+    assert (train.attempts, train.elapsed_s, train.requeues) == (2, 150.0, 1)
+    assert train.gpu_hours == pytest.approx(2 * 4 * 150 / 3600) and train.hours == train.gpu_hours
+    assert (judged.source, judged.elapsed_s, judged.cpu_s, judged.requeues) == ("sacct", 90.0, 150.0, 1)
+    assert judged.gpu_hours == pytest.approx(90 / 3600) and judged.max_rss_gb == 2.5
+    assert (train.stage, train.run, judged.stage, judged.run, gen.run) == ("dpo", "beta0.1_seed0", "judge",
+                                                                           "beta0.1_seed0", "sft")
+    total = costs.stage_costs(jobs)[-1]
+    assert total["what"] == "total" and total["hours"] == pytest.approx(gen.cpu_hours + train.gpu_hours + judged.gpu_hours)
+    assert costs.run_costs(jobs)["beta0.1_seed0"]["jobs"] == 2
+    left, unknown = costs.estimate_left(jobs, {"dpo": 3, "analyze": 1})
+    assert left == pytest.approx(3 * train.gpu_hours) and unknown == ["analyze"]
+    line = costs.cost_line(jobs, {"dpo": 3, "analyze": 1})
+    assert line.startswith("cost so far: ") and "GPU-hours over 3 job(s) (job, sacct)" in line
+    assert f"left: 4 job(s), ~{3 * train.gpu_hours:.3f} GPU-hours at their stages' means (1 in analyze: no finished " \
+           f"job of that stage to go by yet)" in line
+
+
+def test_a_pruned_run_is_reported_with_its_reason_and_step(sweep, tmp_path):
+    write_run(sweep, "beta3_seed0", config("beta3_seed0", 3.0), dpo_rows(steps=3, eval_at=(), margin=lambda k: -20.0 * k),
+              status="pruned", pruned={"reason": "margin collapse: rewards/margins below -10 for 2 train logs in a row",
+                                       "step": 3})
+    table = analyse(sweep, tmp_path / "report")
+    assert table.loc["beta3_seed0", "status"] == "pruned"
+    report = (tmp_path / "report" / "README.md").read_text()
+    state = report.split("## State")[1].split("##")[0]
+    assert "**beta3_seed0**: pruned at step 3/8: margin collapse: rewards/margins below -10 for 2 train logs" in state
+    best = report.split("### Best run per criterion")[1].split("###")[0]
+    assert "beta3_seed0" not in best, "a pruned run is never the best"

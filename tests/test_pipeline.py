@@ -34,7 +34,8 @@ def test_auto_executor_falls_back_to_local_processes_without_a_controller(tmp_pa
 def test_status_of_a_new_sweep_shows_every_stage_to_do(tmp_path):
     result = run("--config", SWEEP, f"root={tmp_path}", "--status")
     assert result.returncode == 0, result.stderr
-    rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[1:]}
+    rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[1:] if not line.startswith("cost")}
+    assert result.stdout.splitlines()[-1].startswith("cost so far: 0.000 CPU-hours over 0 job(s) (no records yet)")
     assert list(rows) == list(pipeline.STAGES)
     assert rows["prepare"] == "completed"  # setup made the tiny model and the judge
     assert {rows[s] for s in pipeline.STAGES[1:]} == {"todo"}
@@ -159,6 +160,80 @@ def test_the_launcher_on_the_local_executor_runs_each_stage_of_the_same_sweep_fi
     assert broken.returncode == 1
     assert "generation for sft FAILED: " in broken.stdout and "generate.py for" in broken.stdout
     assert "error: --prompts nope.jsonl: no such file" in broken.stdout
+
+
+@pytest.mark.slow
+def test_local_jobs_record_what_they_used_and_the_report_has_a_cost_table(local_loop):
+    """Every local job wrote what its processes used (costs/<key>.jsonl); --status sums it and the report tables it
+    per stage and per run, with the cost of a win-rate point over SFT."""
+    root, output = local_loop
+    out = root / "sweep_tiny"
+    keys = set(json.loads((out / "sweep.json").read_text())["jobs"])
+    recorded = {json.loads(line)["key"] for path in (out / "costs").glob("*.jsonl") for line in path.read_text().splitlines()}
+    assert recorded == keys, keys ^ recorded
+    for path in (out / "costs").glob("*.jsonl"):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for row in rows:  # every attempt, the ones other tests made fail on purpose too
+            assert row["executor"] == "local" and row["elapsed_s"] > 0 and row["cpus"] >= 1 and row["gpus"] == 0
+            assert row["cpu_s"] > 0 and row["max_rss_gb"] > 0.05, row
+        assert rows[0]["exit_code"] == 0, rows
+    train = json.loads((out / "costs" / "beta0.1_seed0.jsonl").read_text().splitlines()[0])
+    assert train["cpu_s"] > 1.0, "the training processes' CPU time, not the job's own"
+    assert "cost so far: " in output and "CPU-hours over" in output
+    status = run("--config", SWEEP, f"root={root}", f"report={root}/report", "--status")
+    assert re.search(r"cost so far: \d+\.\d+ CPU-hours over \d+ job\(s\) \(job\)", status.stdout), status.stdout
+    report = (root / "report" / "README.md").read_text()
+    assert "### Cost" in report and "| **total** |" in report and "CPU-hours per point" in report
+    for stage in ("sft", "reference", "dpo", "generate", "judge"):
+        assert f"| {stage} | " in report.split("### Cost")[1], stage
+
+
+@pytest.fixture(scope="module")
+def wide_loop(tmp_path_factory, default_model_dir):
+    """The same tiny sweep on a model 4x wider and twice as deep (a second size for the small-to-large comparison),
+    judged by one template on one prompt of each set: (root, pipeline output)."""
+    from models import save_tiny_model
+
+    root = tmp_path_factory.mktemp("wide")
+    model = save_tiny_model("llama", root / "tiny-llama-wide", str(default_model_dir), width=256, layers=4)
+    result = run("--config", SWEEP, f"root={root}", "name=sweep_tiny_wide", f"report={root}/report", "--executor",
+                 "local", f"overrides.model.path={model}", "generate.limit=1", "judge.calibrate=[]",
+                 "judge.template=[hh-v1]", "--progress-s", "5")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    yield root, result.stdout
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_sweeps_of_two_model_sizes_are_compared_beta_by_beta(local_loop, wide_loop, tmp_path):
+    """analyze_sweep.py --sweep small --sweep large: the β-stability map, win rate against β per model on one figure,
+    and per β whether the small model's verdict held for the large one."""
+    import analyze_sweep
+    import pandas as pd
+
+    small, large = local_loop[0] / "sweep_tiny", wide_loop[0] / "sweep_tiny_wide"
+    result = run_main(analyze_sweep.main, "--sweep", small, "--sweep", large, "--out", tmp_path / "cmp",
+                      "--bootstrap", "50")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = (tmp_path / "cmp" / "README.md").read_text()
+    sizes = re.findall(r"tiny-llama(?:-wide)? \((sweep_tiny(?:_wide)?), ([\d.]+)M parameters\)", report)
+    assert float(dict(sizes)["sweep_tiny"]) < float(dict(sizes)["sweep_tiny_wide"]), sizes
+    transfer = pd.read_csv(tmp_path / "cmp" / "transfer.csv")
+    assert sorted(transfer["beta"]) == [0.1, 0.5]
+    for _, r in transfer.iterrows():
+        assert r["stability_held"] == (r["small_stability"] == r["large_stability"])
+        assert r["small_vs_sft"] in ("better", "worse", "no difference")
+    per_beta = pd.read_csv(tmp_path / "cmp" / "per_beta.csv")
+    assert len(per_beta) == 4 and set(per_beta["sweep"]) == {"sweep_tiny", "sweep_tiny_wide"}
+    for sweep_dir, name in ((small, "sweep_tiny"), (large, "sweep_tiny_wide")):
+        for beta in (0.1, 0.5):
+            row = per_beta[(per_beta["sweep"] == name) & (per_beta["beta"] == beta)].iloc[0]
+            final = json.loads((sweep_dir / f"beta{beta:g}_seed0" / "run.json").read_text())["final_eval"]
+            assert row["eval_accuracy"] == pytest.approx(final["rewards/accuracies"])
+    for heading in ("## β-stability map", "## Did the small model's verdict hold?", "## Read this first"):
+        assert heading in report
+    for figure in ("compare_stability_vs_beta", "compare_win_rate_vs_beta"):
+        assert (tmp_path / "cmp" / "figures" / f"{figure}.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ stops it again at the end (only if it started it).
 """
 import contextlib
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -31,6 +32,11 @@ from slurm import scheduler, sweep
 from slurm.spec import grid_runs, load_sweep, needs_reference
 from slurm.stages import Plan, Target, settle
 
+
+
+def table_lines(stdout: str) -> list[str]:
+    """A --status table's lines, without the cost line that ends it."""
+    return [line for line in stdout.splitlines() if not line.startswith("cost so far: ")]
 
 
 def launcher(*args) -> subprocess.CompletedProcess:
@@ -298,7 +304,7 @@ def test_generation_waits_for_training_then_answers_for_every_model(slurm_sweep)
     again = launcher("--config", SWEEP, f"root={root}", "--generate")
     assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout + again.stderr
     table = launcher("--config", SWEEP, f"root={root}", "--generate", "--status")
-    header, *lines = table.stdout.splitlines()
+    header, *lines = table_lines(table.stdout)
     assert header.split() == ["model", "job", "state", "answers", "done", "file"]
     assert {line.split()[0]: line.split()[2:5] for line in lines} == {
         m: ["COMPLETED", str(len(prompt_ids)), "yes"] for m in models}
@@ -333,7 +339,7 @@ def test_judging_waits_for_generation_then_judges_every_run_with_the_calibration
     again = launcher("--config", SWEEP, f"root={root}", "--judge")
     assert again.returncode == 0 and "nothing to submit" in again.stdout, again.stdout + again.stderr
     table = launcher("--config", SWEEP, f"root={root}", "--judge", "--status")
-    header, *lines = table.stdout.splitlines()
+    header, *lines = table_lines(table.stdout)
     assert header.split()[:5] == ["target", "job", "state", "done", "win_rate"]
     assert {line.split()[0]: line.split()[2:4] for line in lines} == {
         t: ["COMPLETED", "yes"] for t in ("calibration", "beta0.1_seed0", "beta0.5_seed0")}
@@ -402,7 +408,7 @@ def test_pipeline_ran_every_stage_on_slurm_and_showed_progress(slurm_sweep):
     marker = json.loads((out / "analysis.done.json").read_text())
     assert marker == job_code.analysis_marker(["--sweep", str(out), "--out", str(report)], out)
     status = run_pipeline("--config", SWEEP, f"root={root}", f"report={report}", "--status")
-    rows = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[1:]}
+    rows = {line.split()[0]: line.split()[1] for line in table_lines(status.stdout)[1:]}
     assert rows == {s: "completed" for s in ("prepare", "sft", "reference", "dpo", "generate", "judge", "analyze")}
 
 
@@ -441,14 +447,15 @@ def test_status_table_shows_every_run(slurm_sweep):
     root, _, _ = slurm_sweep
     result = launcher("--config", SWEEP, f"root={root}", "--status")
     assert result.returncode == 0, result.stderr
-    header, *lines = result.stdout.splitlines()
+    header, *lines = table_lines(result.stdout)
     assert header.split() == ["run", "job", "state", "run.json", "step", "eval", "loss", "accuracy", "margin",
-                              "checkpoint"]
+                              "checkpoint", "note"]
+    assert result.stdout.splitlines()[-1].startswith("cost so far: ")
     by_run = {line.split()[0]: line.split() for line in lines}
     assert set(by_run) == {"sft", "reference-0", "beta0.1_seed0", "beta0.5_seed0"}
     for run in ("beta0.1_seed0", "beta0.5_seed0"):
-        _, _, state, status, step, loss, accuracy, margin, checkpoint = by_run[run]
-        assert (state, status, step, checkpoint) == ("COMPLETED", "completed", "4/4", "final")
+        _, _, state, status, step, loss, accuracy, margin, checkpoint, note = by_run[run]
+        assert (state, status, step, checkpoint, note) == ("COMPLETED", "completed", "4/4", "final", "-")
         evaluation = [r for r in read_jsonl(root / "sweep_tiny" / run / "metrics.jsonl") if r["split"] == "eval"][-1]
         assert float(loss) == pytest.approx(evaluation["loss"], abs=1e-4)
         assert float(margin) == pytest.approx(evaluation["rewards/margins"], abs=1e-4)
@@ -473,6 +480,66 @@ def test_rerun_submits_nothing_and_a_deleted_run_alone_is_resubmitted(slurm_swee
     assert after["jobs"]["beta0.5_seed0"]["job_id"] != before["jobs"]["beta0.5_seed0"]["job_id"]
     assert wait_for_jobs(root, "sweep_tiny")["beta0.5_seed0"] == "COMPLETED"
     assert json.loads((root / "sweep_tiny" / "beta0.5_seed0" / "run.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_what_each_slurm_job_used_is_recorded_from_sacct_and_from_the_job(slurm_sweep):
+    """After the pipeline followed the sweep to its end, the sweep record holds Slurm's accounting of every job
+    (sacct: elapsed, CPU time, MaxRSS, AllocTRES; one record per run of the job) and every job wrote its own line;
+    --status adds up what was used."""
+    root, output, _ = slurm_sweep
+    out = root / "sweep_tiny"
+    assert "cost so far: " in output
+    again = launcher("--config", SWEEP, f"root={root}")  # a launch stores what jobs ended since (other tests' too)
+    assert again.returncode == 0, again.stdout + again.stderr
+    jobs = record(root, "sweep_tiny")["jobs"]
+    for key, job in jobs.items():
+        sacct = job.get("sacct")
+        assert sacct and sacct["records"], key
+        first = sacct["records"][0]
+        assert first["elapsed_s"] >= 1 and first["cpus"] >= 1 and first["gpus"] == 0 and first["state"] == "COMPLETED", (key, first)
+        own = [json.loads(line) for line in (out / "costs" / f"{key.replace('/', '__')}.jsonl").read_text().splitlines()]
+        assert {r["executor"] for r in own} == {"slurm"} and own[-1]["cpus"] >= 1, own
+        assert job["job_id"] in {r["job_id"] for r in own}, (key, job["job_id"], own)
+    assert jobs["beta0.1_seed0"]["sacct"]["records"][0]["max_rss_gb"] > 0.1, "MaxRSS of the training step"
+    status = launcher("--config", SWEEP, f"root={root}", "--status")
+    assert re.search(rf"cost so far: \d+\.\d+ CPU-hours over {len(jobs)} job\(s\) \(sacct\)", status.stdout), status.stdout
+    assert "peak RSS" in status.stdout.splitlines()[-1]
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_a_collapsing_run_is_pruned_on_slurm_and_only_retried_when_asked(cluster, tmp_path):
+    """Two DPO runs on the local Slurm cluster, one driven to collapse (lr 0.05, β 5 on the tiny model): the sweep's
+    prune: rule stops it at a step boundary; its array task ends itself (exit 0, COMPLETED: the slot is free), run.json
+    and --status say pruned with the reason; a re-run submits nothing, --retry-pruned with the rule loosened trains it
+    on from its checkpoint to the end."""
+    common = ["--config", SWEEP, f"root={tmp_path}", "name=pruning", "grid.loss.beta=[5]", "grid.train.lr=[0.0001,0.05]",
+              "overrides.train.max_steps=12", "overrides.train.save_every=100", "prune.patience=2"]
+    result = launcher(*common, "prune.margin_below=-10")
+    assert result.returncode == 0, result.stdout + result.stderr
+    states = wait_for_jobs(tmp_path, "pruning")
+    out = tmp_path / "pruning"
+    healthy, collapsed = (json.loads((out / f"beta5_seed0_lr{lr}" / "run.json").read_text()) for lr in ("0.0001", "0.05"))
+    assert states["beta5_seed0_lr0.05"] == states["beta5_seed0_lr0.0001"] == "COMPLETED", states
+    assert healthy["status"] == "completed" and collapsed["status"] == "pruned"
+    step = collapsed["pruned"]["step"]
+    assert step < 12 and collapsed["pruned"]["reason"].startswith("margin collapse")
+    assert collapsed["last_checkpoint"].endswith(f"step-{step:06d}"), "a checkpoint at the pruned step"
+    status = launcher(*common, "prune.margin_below=-10", "--status")
+    row = next(line for line in status.stdout.splitlines() if line.startswith("beta5_seed0_lr0.05"))
+    assert " pruned " in row and "pruned: margin collapse" in row and f"{step}/12" in row, status.stdout
+    again = launcher(*common, "prune.margin_below=-10")
+    assert "nothing to submit" in again.stdout, again.stdout
+    answers = launcher(*common, "prune.margin_below=-10", "--generate", "--dry-run")
+    line = next(x for x in answers.stdout.splitlines() if "generate  beta5_seed0_lr0.05" in x)
+    assert "  skip   generate" in line and "skipped: its run was pruned at step" in line, answers.stdout
+    retried = launcher(*common, "prune.margin_below=-1.0e9", "--retry-pruned")
+    assert "submitted 1 DPO run(s)" in retried.stdout, retried.stdout + retried.stderr
+    assert wait_for_jobs(tmp_path, "pruning")["beta5_seed0_lr0.05"] == "COMPLETED"
+    resumed = json.loads((out / "beta5_seed0_lr0.05" / "run.json").read_text())
+    assert resumed["status"] == "completed" and resumed["resumed_from"].endswith(f"step-{step:06d}")
 
 
 @pytest.mark.cluster
@@ -504,7 +571,7 @@ def test_pipeline_redo_sets_a_stage_and_everything_after_it_aside(slurm_sweep):
     assert (out / "beta0.1_seed0" / "final").is_dir()  # training stays
     assert all(read_jsonl(out / "generations" / f"{m}.jsonl") for m in ("sft", "beta0.1_seed0", "beta0.5_seed0"))
     status = run_pipeline("--config", SWEEP, f"root={root}", f"report={root}/report", "--status")
-    rows = {line.split()[0]: line.split()[1] for line in status.stdout.splitlines()[1:]}
+    rows = {line.split()[0]: line.split()[1] for line in table_lines(status.stdout)[1:]}
     assert rows["dpo"] == rows["generate"] == "completed" and rows["judge"] == rows["analyze"] == "todo", status.stdout
 
 
