@@ -1722,6 +1722,10 @@ def parse_args(argv=None):
                                       "report/compare_<names>)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for LC and BT intervals")
     parser.add_argument("--seed", type=int, default=0, help="seed of every bootstrap")
+    parser.add_argument("--strict", action="store_true",
+                        help="an input file that cannot be read (metrics, verdicts, summaries) is an error: exit 2 "
+                             "naming it, nothing written. Default: it is named in the report and left out, so a "
+                             "running sweep can be reported")
     parser.add_argument("--collapse-margin", type=float, default=1.0,
                         help="flag margin-collapse when a run's reward margin ends below minus this (nats)")
     args = parser.parse_args(argv)
@@ -1801,6 +1805,9 @@ def analyse(args, argv: list[str]) -> int:
     a = load_analysis(sweep, args)
     runs, comparisons, calibration, generations, table, ranking, problems = (
         a.runs, a.comparisons, a.calibration, a.generations, a.table, a.ranking, a.problems)
+    unreadable = [p for r in runs for p in r.problems] + problems
+    if args.strict and unreadable:
+        raise AnalysisError(unreadable[0] + (f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""))
     between = power_between(comparisons)
     paired = paired_differences(runs, args.seed, args.bootstrap)
     best = best_runs(table)

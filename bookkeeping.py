@@ -28,6 +28,7 @@ import yaml
 from accelerate.utils import broadcast_object_list, gather_object
 
 from config import Config, UserInputError, config_changes, to_yaml
+from jsonl import fsync_dir, write_atomic
 from models import load_model
 
 REPO = Path(__file__).resolve().parent
@@ -120,9 +121,21 @@ def write_agreed(accelerator, tmp: Path, what: str, out_dir: Path, write, every_
 def check_output_dir(cfg: Config, out_dir: Path) -> str | None:
     """'completed' if this exact config already finished here; refuses a folder used by another config."""
     run_json, saved = out_dir / "run.json", out_dir / "config.yaml"
+    partial = incomplete_checkpoint(out_dir) if cfg.train.resume == "auto" else None
+    if partial is not None:
+        before = find_checkpoint(out_dir)
+        what = "an empty checkpoint folder" if not any(partial.iterdir()) else \
+            "an incomplete checkpoint (no trainer_state.json, which train_dpo.py writes last)"
+        raise UserInputError(f"{partial}: {what}, newer than any complete one: not written by train_dpo.py (its "
+                             f"checkpoints appear whole, by one rename), or copied in part. Delete it to resume from "
+                             f"{before.name if before else 'the start'}")
     if not run_json.is_file():
         return None
-    info = json.loads(run_json.read_text())
+    try:
+        info = json.loads(run_json.read_text())
+    except (OSError, ValueError) as e:
+        raise UserInputError(f"{run_json}: not readable JSON ({e}); it is rewritten whole by each run: delete it to "
+                             f"start this output_dir again") from None
     if cfg.train.resume == "never":
         raise UserInputError(f"{out_dir} holds a previous run (run.json); use train.resume=auto or a new output_dir")
     changes = config_changes(yaml.safe_load(saved.read_text()) or {}, cfg) if saved.is_file() else []
@@ -174,14 +187,20 @@ def run_record(cfg: Config, out_dir: Path, world_size: int, resumed_from: Path |
 
 
 def write_run_json(out_dir: Path, info: dict) -> None:
-    tmp = out_dir / "run.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, out_dir / "run.json")
+    write_atomic(out_dir / "run.json", json.dumps(info, indent=2))
+
+
+def incomplete_checkpoint(out_dir: Path) -> Path | None:
+    """The newest step-N folder when it lacks trainer_state.json (an empty or partly copied folder)."""
+    folders = sorted((p for p in (out_dir / "checkpoints").glob("step-*") if p.name.split("-")[1].isdigit()),
+                     key=lambda p: int(p.name.split("-")[1]))
+    return folders[-1] if folders and not (folders[-1] / "trainer_state.json").is_file() else None
 
 
 def find_checkpoint(out_dir: Path) -> Path | None:
     """The newest complete checkpoint: a step-N folder with trainer_state.json (written last, before the rename)."""
-    folders = sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    folders = sorted((p for p in (out_dir / "checkpoints").glob("step-*") if p.name.split("-")[1].isdigit()),
+                     key=lambda p: int(p.name.split("-")[1]))
     complete = [p for p in folders if (p / "trainer_state.json").is_file()]
     return complete[-1] if complete else None
 
@@ -218,13 +237,14 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, state: dict, keep: in
 
     def write():
         accelerator.save_state(str(tmp))
-        if accelerator.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        if accelerator.is_main_process:  # written last and durably: it is what makes a checkpoint complete
+            write_atomic(tmp / "trainer_state.json", json.dumps(state, indent=2))
     # every rank writes its own RNG file: write_agreed's collective is also the barrier before the rename
     write_agreed(accelerator, tmp, f"the step-{step} checkpoint", out_dir, write)
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        fsync_dir(final.parent)
         older = sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]
         for old in older:
             shutil.rmtree(old, ignore_errors=True)
@@ -252,6 +272,7 @@ def save_final(cfg: Config, accelerator, model, tokenizer, out_dir: Path) -> Non
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        fsync_dir(final.parent)
     accelerator.wait_for_everyone()
 
 

@@ -491,10 +491,68 @@ def apply_override(raw: dict, override: str, cls=None, kind: str = "config") -> 
     node[path[-1]] = value
 
 
+def path_problem(path: str | Path) -> str | None:
+    """What keeps `path` from being read as a file, in words (no such file, a symlink loop, a symlink whose target
+    is gone, a folder, no permission); None when it can be read."""
+    import errno
+    import os
+    import stat
+
+    name = os.path.expanduser(str(path))
+    try:
+        st = os.stat(name)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop (the links lead back to themselves)"
+        if e.errno == errno.ENOENT and os.path.islink(name):
+            return f"a symlink to {os.readlink(name)}, which does not exist (moved or deleted?)"
+        if e.errno == errno.ENOENT:
+            return "no such file"
+        if e.errno == errno.EACCES:
+            return "permission denied"
+        return e.strerror or str(e)
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, not a file"
+    if not os.access(name, os.R_OK):
+        return "permission denied"
+    return None
+
+
+def read_problem(error: BaseException) -> str:
+    """An error met while reading a file, in words: a gzip file cut short, a file that vanished, ..."""
+    import gzip
+    import zlib
+
+    if isinstance(error, EOFError):
+        return "the gzip file is cut short (a copy or download that did not finish?)"
+    if isinstance(error, (gzip.BadGzipFile, zlib.error)):
+        return f"not valid gzip ({error})"
+    if isinstance(error, FileNotFoundError):
+        return "vanished while being read"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text ({error.reason} at byte {error.start})"
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    return str(error)
+
+
+def lone_surrogate(text: str) -> str | None:
+    """The first lone UTF-16 surrogate in `text` (JSON may escape one, \\ud800, that no UTF-8 file can hold), as
+    \\uXXXX; None when there is none."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return f"\\u{ord(text[e.start]):04x}"
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    problem = path_problem(path)
+    if problem:
+        raise ConfigError(f"{path}: {'config file not found' if problem == 'no such file' else problem}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

@@ -35,12 +35,13 @@ from pathlib import Path
 
 from chat_format import FormattingError, fit_prompt, resolve_template
 from arguments import GenerateArgs
-from config import UserInputError, load_config, parse_cli
+from config import UserInputError, load_config, lone_surrogate, parse_cli, path_problem, read_problem
 from engines import (Completion, HFEngine, KeyedJsonl, VLLMEngine, context_length, digest, model_config, on_gpu,
                      stop_token_ids, vllm_available)
 from host import choose_engine, engine_dtype
-from models import load_tokenizer, model_fingerprint
+from models import check_weights, load_tokenizer, model_fingerprint
 from preference_data import heldout_pairs, run_config_of, shared_data, subset
+import procs
 from progress import Progress
 
 REPO = Path(__file__).resolve().parent
@@ -91,10 +92,18 @@ def _messages(value, where: str) -> tuple:
 
 
 def _read_lines(path: Path):
+    """(line number, record) of a JSON Lines file, gzipped or not; every problem names the file (and line)."""
+    import gzip
+
     try:
-        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON strings may hold U+2028
-    except UnicodeDecodeError as e:
-        raise GenerationError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        if path.name.endswith(".gz"):
+            with gzip.open(path) as fh:
+                raw = fh.read()
+        else:
+            raw = path.read_bytes()
+        lines = raw.decode("utf-8").split("\n")  # not splitlines(): JSON strings may hold U+2028
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise GenerationError(f"{path}: {read_problem(e)}") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -104,6 +113,10 @@ def _read_lines(path: Path):
             raise GenerationError(f"{path} line {number}: not valid JSON ({e.msg})") from None
         if not isinstance(record, dict):
             raise GenerationError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
+        surrogate = lone_surrogate(json.dumps(record, ensure_ascii=False)) if "\\u" in line else None
+        if surrogate:
+            raise GenerationError(f"{path} line {number}: text with a lone UTF-16 surrogate ({surrogate}), which is "
+                                  f"not Unicode text")
         yield number, record
 
 
@@ -143,9 +156,12 @@ def load_prompt_set(spec: str, model: str, turns: str = "first", limit: int = 0,
         prompts = heldout_prompts(spec.partition(":")[2], model)
     else:
         path = shared_data() / NAMED_SETS[spec] if spec in NAMED_SETS else Path(spec)
-        if not path.is_file():
+        problem = path_problem(path)
+        if problem == "no such file":
             raise GenerationError(f"--prompts {spec}: no such file: {path} (named sets: heldout, {', '.join(NAMED_SETS)}"
                                   f", read from ../shared/data or $DPO_SHARED_DATA)")
+        if problem:
+            raise GenerationError(f"--prompts {path}: {problem}")
         set_name = spec if spec in NAMED_SETS else path.name.split(".")[0]
         prompts, first_line = [], {}
         for number, record in _read_lines(path):
@@ -190,6 +206,7 @@ class ModelSpec:
 
 def resolve_model(path: str, name: str = "", base_model: str = "") -> ModelSpec:
     folder = Path(path).expanduser()
+    check_weights(path)  # a truncated weight file is named now, not by a loader's traceback later
     run_config = run_config_of(path)
     label = name or (run_config.parent.name if run_config else folder.name or path)
     adapter_config = folder / "adapter_config.json"
@@ -281,27 +298,31 @@ def run(args: GenerateArgs, log=print) -> dict:
     prompts = load_prompts(args.prompts, args.model, args.turns, args.limit, args.subset_seed)
 
     engine, stats = None, {"written": 0, "skipped": 0, "new_tokens": 0, "generate_s": 0.0, "engine_start_s": 0.0}
-    wave = [(p, i) for p in prompts for i in range(args.n)]
-    while wave:  # one wave per turn: MT-Bench's second turns need the first answers
-        requests, formatted = [], {}
-        for prompt, i in wave:
-            # per Prompt object: samples share a first turn, but each second turn holds its own first answer
-            ids, kept, truncated = formatted.get(id(prompt)) or format_prompt(tokenizer, prompt, max_prompt_tokens, template)
-            formatted[id(prompt)] = ids, kept, truncated
-            key = f"{spec.fingerprint}|{prompt.id}|{i}|{settings_hash}|{digest(ids, 8)}"
-            if key in out.done:
-                stats["skipped"] += 1
-                continue
-            requests.append(Request(prompt, i, ids, truncated, kept, sample_seed(args.seed, prompt.id, i), key))
-        if requests and engine is None:
-            started = time.time()
-            engine = make_engine(spec, args, stop_ids, tokenizer, max_model_len, log, requests, dtype_why)
-            stats["engine_start_s"] = round(time.time() - started, 1)
-        if requests:
-            generate_all(engine, requests, spec, args, settings, settings_hash, out, stats)
-        answered = {(r["prompt_id"], r["sample_index"]): r["response"] for r in out.done.values()
-                    if r["key"].startswith(spec.fingerprint + "|") and r["sampling_hash"] == settings_hash}
-        wave = [(with_answer(p, answered[p.id, i]), i) for p, i in wave if p.next_turns]
+    try:
+        wave = [(p, i) for p in prompts for i in range(args.n)]
+        while wave:  # one wave per turn: MT-Bench's second turns need the first answers
+            requests, formatted = [], {}
+            for prompt, i in wave:
+                # per Prompt object: samples share a first turn, but each second turn holds its own first answer
+                ids, kept, truncated = formatted.get(id(prompt)) or format_prompt(tokenizer, prompt, max_prompt_tokens, template)
+                formatted[id(prompt)] = ids, kept, truncated
+                key = f"{spec.fingerprint}|{prompt.id}|{i}|{settings_hash}|{digest(ids, 8)}"
+                if key in out.done:
+                    stats["skipped"] += 1
+                    continue
+                requests.append(Request(prompt, i, ids, truncated, kept, sample_seed(args.seed, prompt.id, i), key))
+            if requests and engine is None:
+                started = time.time()
+                engine = make_engine(spec, args, stop_ids, tokenizer, max_model_len, log, requests, dtype_why)
+                stats["engine_start_s"] = round(time.time() - started, 1)
+            if requests:
+                generate_all(engine, requests, spec, args, settings, settings_hash, out, stats)
+            answered = {(r["prompt_id"], r["sample_index"]): r["response"] for r in out.done.values()
+                        if r["key"].startswith(spec.fingerprint + "|") and r["sampling_hash"] == settings_hash}
+            wave = [(with_answer(p, answered[p.id, i]), i) for p, i in wave if p.next_turns]
+    finally:  # an interrupt too: the engine's processes end with this one; the answers written stay
+        if engine is not None:
+            engine.close()
     rate = stats["new_tokens"] / stats["generate_s"] if stats["generate_s"] else 0.0
     log(f"{spec.name}: wrote {stats['written']} answers, skipped {stats['skipped']} already in {out.path}"
         + (f"; engine start {stats['engine_start_s']} s, {stats['new_tokens']} tokens in {stats['generate_s']:.1f} s "
@@ -370,13 +391,25 @@ def parse_args(argv=None) -> GenerateArgs:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    command = argv is None  # this process is the command (not a call from another program): it owns its signals
+    if command:
+        procs.stop_on_signals()  # SIGTERM/SIGHUP: the engine shuts down, the answers written stay
     try:
         run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except (UserInputError, FormattingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({str(e) or 'SIGINT'}); the answers written are in {args.out}: run again to go on",
+              file=sys.stderr)
+        return 130
+    finally:
+        if command:
+            procs.stop_children(10)  # whatever the engine left behind
     return 0
 
 
+if __name__ == "__mp_main__":  # a process vLLM spawned, re-importing this file: it ends with the script, even a kill -9
+    procs.die_with_parent()
 if __name__ == "__main__":  # vLLM spawns workers that re-import this file
     sys.exit(main())

@@ -70,6 +70,36 @@ def rewrite_jsonl(path: str | Path, rows: list[dict]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename or a new file in `folder` survive a machine crash (the directory entry itself is data)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot sync a directory: the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | Path, text: str | bytes) -> None:
+    """Replace a small file whole, so that neither a kill nor a machine crash leaves half of it: write a temporary
+    file beside it, fsync it, rename it over the old one, fsync the folder. Markers, run.json, summaries and the
+    sweep record are written this way."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def summary_path(verdicts: str | Path) -> Path:

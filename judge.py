@@ -44,13 +44,14 @@ from pathlib import Path
 
 from chat_format import FormattingError, render_prompt, resolve_template
 from arguments import EngineArgs, JudgeArgs, pairs_file, panel_members
-from config import UserInputError, parse_cli
+from config import UserInputError, parse_cli, path_problem, read_problem
 from engines import (HFEngine, KeyedJsonl, OpenAIEngine, RequestFailed, ServerArgs, VLLMEngine,
                      context_length, digest, model_config, stop_token_ids, vllm_available)
 from host import engine_dtype
-from jsonl import append_jsonl, read_jsonl, summary_path
-from models import load_tokenizer, model_fingerprint
+from jsonl import append_jsonl, read_jsonl, summary_path, write_atomic
+from models import check_weights, load_tokenizer, model_fingerprint
 from preference_data import DataError, heldout_pairs, load_labelled_pairs, shared_data, subset
+import procs
 from progress import Progress
 from stats import (MATCH, ROLE_LABEL, SCORE, bootstrap_ci, cohen_kappa, combine, debiased_preference,
                    debiased_probabilities, detectable_difference, expected_match, first_position_rate,
@@ -232,8 +233,9 @@ def check_answer_row(row, where: str) -> None:
 def load_answers(path: Path, side: str, sampling_hash: str, log) -> tuple[dict, dict]:
     """{(prompt_id, sample_index): row} of one answer file, one model and one sampling setting: a file that holds
     several (generate.py appends every setting it was run with) gives the newest unless --*-sampling names one."""
-    if not path.is_file():
-        raise JudgeError(f"--{side} {path}: no such file")
+    problem = path_problem(path)
+    if problem:
+        raise JudgeError(f"--{side} {path}: {problem}")
     rows = []
     for number, row in enumerate(_rows(path), 1):
         check_answer_row(row, f"--{side} {path} row {number}")
@@ -264,8 +266,10 @@ def load_answers(path: Path, side: str, sampling_hash: str, log) -> tuple[dict, 
 def _rows(path: Path):
     try:
         return read_jsonl(path)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise JudgeError(f"{path}: {e}") from None
+    except (ValueError, UnicodeDecodeError) as e:  # read_jsonl's own messages name the file
+        raise JudgeError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+    except (OSError, EOFError) as e:
+        raise JudgeError(f"{path}: {read_problem(e)}") from None
 
 
 def match_pairs(candidate: dict, baseline: dict) -> tuple[list[Pair], dict]:
@@ -505,6 +509,7 @@ def judges_of(args: JudgeArgs) -> list[Judge]:
     judges = []
     for model, template in panel_members(args.judge_model, args.template):
         if model not in fingerprints:
+            check_weights(model)
             fingerprints[model] = model_fingerprint(model) if Path(model).expanduser().exists() else model
         judges.append(Judge(model, template, fingerprints[model], TEMPLATES[template].version(args.mode)))
     return judges
@@ -754,9 +759,7 @@ def judge_and_summarize(args, out: KeyedJsonl, judges, pairs, calibration, injec
         summary["calibration_note"] = None if known_calibration else \
             "not measured: run with --calibrate, or pass --calibration FILE"
     path = summary_path(out.path)
-    tmp = path.with_name(path.name + ".tmp")  # a reader (the analysis of a running sweep) never sees half a summary
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(summary, indent=2) + "\n")  # a reader never sees half a summary
     for line in summary_lines(summary):
         log(line)
     log(f"judge: summary in {path}")
@@ -1237,13 +1240,25 @@ def parse_args(argv=None) -> JudgeArgs:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    command = argv is None  # this process is the command (not a call from another program): it owns its signals
+    if command:
+        procs.stop_on_signals()  # SIGTERM/SIGHUP: the engines shut down, the verdicts written stay
     try:
         run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except (UserInputError, FormattingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({str(e) or 'SIGINT'}); the verdicts written are in {args.out}: run again to go on",
+              file=sys.stderr)
+        return 130
+    finally:
+        if command:
+            procs.stop_children(10)  # whatever an engine or a server left behind
     return 0
 
 
+if __name__ == "__mp_main__":  # a process vLLM spawned, re-importing this file: it ends with the script, even a kill -9
+    procs.die_with_parent()
 if __name__ == "__main__":  # vLLM spawns workers that re-import this file
     sys.exit(main())

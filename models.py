@@ -92,6 +92,38 @@ def model_fingerprint(path: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def weights_problem(path: str) -> str | None:
+    """A local model folder's .safetensors files that are cut short or not safetensors, in words ("<file>: truncated
+    ..."); None when each one's header parses and its tensors fit in the file (a copy that did not finish, a disk
+    that filled while saving). Reads the headers only."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return None
+    for file in sorted(folder.glob("*.safetensors")):
+        size = file.stat().st_size
+        try:
+            with open(file, "rb") as fh:
+                head = fh.read(8)
+                length = int.from_bytes(head, "little") if len(head) == 8 else -1
+                header = json.loads(fh.read(length)) if 0 < length <= size - 8 else None
+        except (OSError, ValueError):
+            header = None
+        if not isinstance(header, dict):
+            return f"{file}: truncated or not safetensors (no readable header in its {size} bytes)"
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+                   and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2), default=0)
+        if 8 + length + end > size:
+            return (f"{file}: truncated or not safetensors ({size} bytes, its header names {8 + length + end}): "
+                    f"copy or save it again")
+    return None
+
+
+def check_weights(path: str) -> None:
+    problem = weights_problem(path)
+    if problem:
+        raise ModelError(problem)
+
+
 def is_local(path: str) -> bool:
     """A local folder (or a path that looks like one), not a hub id."""
     return path.startswith((".", "/", "~")) or path.startswith("models/") or Path(path).exists()
@@ -131,6 +163,7 @@ def load_model(path: str, dtype: str = "float32"):
 
     if is_local(path) and not Path(path).expanduser().exists():
         raise _hub_error("model", path, FileNotFoundError("folder not found"))
+    check_weights(path)
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype="auto" if dtype == "auto" else getattr(torch, DTYPES[dtype]))
     except (OSError, ValueError) as e:

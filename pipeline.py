@@ -32,6 +32,7 @@ import threading
 import time
 from pathlib import Path
 
+import procs
 from config import UserInputError
 from jsonl import read_jsonl
 from models import DEFAULT_MODEL_DIR, TINY_ARCHS, is_local, prepare_default_model, save_tiny_model
@@ -40,7 +41,7 @@ from slurm import stages as st
 from slurm.jobs import ANALYSIS_MARKER
 from slurm.launch import launch
 from slurm.plan import plan_sweep
-from slurm.scheduler import cancel, read_record, record_costs, scheduler_states, sweep_lock, write_record
+from slurm.scheduler import read_record, record_costs, scheduler_states, sweep_lock, write_record
 from slurm.spec import Sweep, load_sweep
 from slurm.sweep import say as sweep_say
 
@@ -389,9 +390,12 @@ def main(argv=None) -> int:
         parser.error(f"--progress-s {args.progress_s:g}: must be positive")
     if args.gpu and not args.plan:
         parser.error("--gpu goes with --plan")
-    started, out = time.time(), None
+    started, out, grace_s = time.time(), None, 60.0
+    if argv is None:  # the command itself (not a call from another program): it owns its signals
+        procs.stop_on_signals()  # a closed terminal or `timeout` stops the local jobs too, as Ctrl-C does
     try:
         sweep = load_sweep(args.config, args.overrides)
+        grace_s = float(sweep.slurm.signal_delay_s)  # the time a run is given to checkpoint before a time limit
         sweep.retry_pruned = args.retry_pruned  # every plan made of this sweep, in every stage, sees it
         if args.plan:
             print("\n".join(plan_sweep(args.config, args.overrides, args.gpu)))
@@ -423,8 +427,9 @@ def main(argv=None) -> int:
             return summary(snap, stages, {}, started)
         say(f"to do: {', '.join(todo)}")
         if args.executor != "slurm":
-            results = run_local(args, sweep, todo, started)
-            return summary(Snapshot(sweep, args.config), stages, results, started)
+            with sweep_lock(out):  # the whole run: a second launcher refuses instead of starting jobs beside ours
+                results = run_local(args, sweep, todo, started)
+                return summary(Snapshot(sweep, args.config), stages, results, started)
         results = {}
         for stage in todo:
             t0 = time.time()
@@ -446,11 +451,10 @@ def main(argv=None) -> int:
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # local jobs are this command's children: stop them at a step boundary
-        if out is not None and args.executor in ("local", "debug"):
-            record = read_record(out)
-            cancel(record, scheduler_states(record, out), say)
-        say(f"interrupted; finished results stay on disk. Again: python pipeline.py --config {args.config}")
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGHUP: local jobs are this command's children
+        stopped, killed = procs.stop_children(grace_s, say)  # training checkpoints at its next step boundary
+        say(f"interrupted ({str(e) or 'SIGINT'}); stopped {stopped} process(es)" + (f", {killed} killed after {grace_s:g} s"
+            if killed else "") + f"; finished results stay on disk. Again: python pipeline.py --config {args.config}")
         return 130
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from config import DataConfig, UserInputError, load_config
+from config import DataConfig, UserInputError, load_config, lone_surrogate, path_problem, read_problem
 
 REPO = Path(__file__).resolve().parent
 
@@ -99,7 +99,15 @@ def _read_jsonl(path: Path, opener) -> Iterator[tuple[str, dict | BadRecord]]:
                 yield where, e
                 continue
             except json.JSONDecodeError as e:
-                yield where, BadRecord("malformed_json", f"{where}: malformed JSON ({e.msg} at column {e.colno})")
+                bom = lineno == 1 and raw.startswith(b"\xef\xbb\xbf")
+                yield where, BadRecord("malformed_json", f"{where}: malformed JSON ({e.msg} at column {e.colno})"
+                                       + (": the file starts with a byte-order mark; save it as UTF-8 without one"
+                                          if bom else ""))
+                continue
+            surrogate = lone_surrogate(json.dumps(record, ensure_ascii=False)) if b"\\u" in raw else None
+            if surrogate:
+                yield where, BadRecord("invalid_text", f"{where}: text with a lone UTF-16 surrogate ({surrogate}), "
+                                       f"which is not Unicode text: fix whatever wrote the file")
                 continue
             if not isinstance(record, dict):
                 yield where, BadRecord("wrong_type", f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -170,15 +178,26 @@ def _looks_like_path(path: str) -> bool:
 
 
 def read_records(cfg: DataConfig) -> Iterator[tuple[str, dict | BadRecord]]:
-    """Yield (location, record) for every record of the source; unreadable records come as BadRecord."""
+    """Yield (location, record) for every record of the source; unreadable records come as BadRecord. A file that
+    cannot be read (cut short, vanished, no permission) raises DataError naming it."""
     path = Path(cfg.path).expanduser()
-    if not path.exists():
-        if _looks_like_path(cfg.path):
-            raise DataError(f"data.path={cfg.path!r}: file not found")
+    problem = path_problem(path)
+    if problem == "no such file" and not _looks_like_path(cfg.path):
         yield from _read_hub(cfg)
         return
-    if path.is_dir():
+    if problem == "no such file":
+        raise DataError(f"data.path={cfg.path!r}: file not found")
+    if problem == "is a folder, not a file":
         raise DataError(f"data.path={cfg.path!r}: is a folder; name a .jsonl, .jsonl.gz, .json, .csv or .parquet file")
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    try:
+        yield from _read_file(path)
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: {read_problem(e)}") from None
+
+
+def _read_file(path: Path) -> Iterator[tuple[str, dict | BadRecord]]:
     name = path.name.lower()
     if name.endswith((".jsonl.gz", ".json.gz")):
         yield from _read_jsonl(path, gzip.open)
@@ -445,8 +464,9 @@ def load_labelled_pairs(path: str, columns: dict[str, str] | None = None) -> lis
             raise DataError(f"{path}: column mapping {key}=...: {key!r} is not a field; map one of "
                             f"{', '.join(LABEL_FIELDS)}")
     file = Path(path).expanduser()
-    if not file.exists():
-        raise DataError(f"{path}: no such file")
+    problem = path_problem(file)
+    if problem:
+        raise DataError(f"{path}: {problem}")
     pairs = []
     for index, (where, record) in enumerate(read_records(DataConfig(path=str(file)))):
         try:

@@ -51,7 +51,7 @@ from preference_data import load_pairs, split_pairs
 from progress import Progress
 
 CACHE_VERSION = 2
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)  # checkpoint, then stop
 
 
 class NonFiniteError(RuntimeError):
@@ -688,7 +688,7 @@ def train(cfg: Config, log=print) -> dict:
         return json.loads((out_dir / "run.json").read_text())
     run = setup(cfg, log)
     stop_signals: list[int] = []
-    handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signals.append(signum)) for sig in STOP_SIGNALS}
+    handlers = {sig: signal.signal(sig, stop_handler(stop_signals)) for sig in STOP_SIGNALS}
     bar = Progress(f"{cfg.loss.name} train {out_dir.name}", cfg.train.max_steps, "steps", done=run.step,
                    enabled=run.main)
     run.model.train()
@@ -731,6 +731,16 @@ def train(cfg: Config, log=print) -> dict:
             signal.signal(sig, handler)
         teardown(run)
     return run.info
+
+
+def stop_handler(stop_signals: list):
+    """Stop signals ask for a checkpoint at the next step boundary; a second Ctrl-C stops at once (the last
+    checkpoint stays)."""
+    def handler(signum, frame):
+        if signum == signal.SIGINT and signal.SIGINT in stop_signals:
+            raise KeyboardInterrupt
+        stop_signals.append(signum)
+    return handler
 
 
 def fail(run: Run, e: Exception, out_dir: Path, bar) -> None:

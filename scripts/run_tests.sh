@@ -12,7 +12,7 @@ shift || true
 # (the Slurm sweep, the local loop, the vLLM runs) stay in its process and are made once. The longest modules go first.
 case "$tier" in
   fast) select=(-n 2 --dist loadfile -m "not slow and not cluster and not vllm and not multiprocess" tests) ;;
-  all) first=(tests/test_sweep.py tests/test_pipeline.py tests/test_judge.py tests/test_scale_configs.py
+  all) first=(tests/test_sweep.py tests/test_reliability.py tests/test_pipeline.py tests/test_judge.py tests/test_scale_configs.py
               tests/test_train.py tests/test_generate.py)
        rest=($(ls tests/test_*.py | grep -v -x -F "$(printf '%s\n' "${first[@]}")"))
        select=(-n 2 --dist loadfile "${first[@]}" "${rest[@]}") ;;

@@ -32,6 +32,7 @@ import psutil
 import submitit
 
 from host import resolve_mixed_precision
+from jsonl import write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 # never read by the analysis, or (costs/) read but written by every job, the analysis's own included: not part of
@@ -48,10 +49,8 @@ def read_json(path: Path) -> dict:
 
 
 def write_json(path: Path, value: dict) -> None:
-    """Atomic: a reader never sees half a marker."""
-    tmp = Path(path).with_name(Path(path).name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
+    """Atomic and durable (jsonl.write_atomic): neither a reader nor a machine crash ever sees half a marker."""
+    write_atomic(path, json.dumps(value))
 
 
 # ---------------------------------------------------------------- done markers: what a finished job was made from
@@ -293,7 +292,7 @@ class TrainJob(_ProcessJob):
         if code == 0 and info.get("status") in ("completed", "pruned"):  # a pruned run ends itself: its slot is free
             return {"mode": "train", "output_dir": spec["output_dir"], "steps": info.get("steps"),
                     "final_eval": info.get("final_eval"), "pruned": info.get("pruned")}
-        if info.get("status") == "interrupted":
+        if info.get("status") == "interrupted" and "SLURM_JOB_ID" in os.environ:
             time.sleep(30)  # a preemption's USR2 follows its SIGTERM: give submitit the chance to requeue
         raise RuntimeError(f"training {spec['output_dir']} ended with exit code {code}, run.json status "
                            f"{info.get('status')!r}: {info.get('error', 'see the job log')}")

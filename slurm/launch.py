@@ -15,6 +15,7 @@ from pathlib import Path
 
 import submitit
 
+import procs
 from config import UserInputError, to_yaml
 from slurm import jobs as J
 from slurm.scheduler import now, record_costs, write_record
@@ -29,6 +30,8 @@ def launch(plan: Plan, names, executor: str, dry_run: bool = False, say=print) -
     plan.classify(names)
     if not dry_run and record_costs(plan.record, plan.states):  # ended Slurm jobs: what sacct says they used
         write_record(plan.out, plan.record)
+    if executor != "slurm" and not dry_run:
+        wait_for_local_jobs(plan, names, say)
     todo = to_submit(plan, names, executor)
     for name in names:
         stage, targets = STAGES[name], plan.stage(name)
@@ -74,6 +77,24 @@ def launch(plan: Plan, names, executor: str, dry_run: bool = False, say=print) -
                      if n in names and not any(m in TRAINING for m in names)), "")
         say(f"watch it: python slurm/sweep.py --config {plan.file} {flag} --status".replace("  ", " "))
     return 0 if ok and not blocked else 1
+
+
+def wait_for_local_jobs(plan: Plan, names: list[str], say, every_s: float = 2.0) -> None:
+    """Local jobs of these stages still running from an earlier launcher (one stopped by SIGKILL leaves its jobs
+    running, as on Slurm; a live one holds the sweep lock): start nothing beside them (launch.local_parallelism
+    counts them) and nothing after them before they end. Waits until they do, then classifies again."""
+    told: set[str] = set()
+    while not procs.stopping.is_set():
+        busy = [t for n in names for t in plan.stage(n) if t.state == "active" and plan.executor_of(t) == "local"]
+        if not busy:
+            return
+        for t in busy:
+            if t.key not in told:
+                say(f"waiting for {t.key} (local job {plan.record['jobs'][t.key]['job_id']}), started by an earlier "
+                    f"launcher, to end; to stop it instead: python slurm/sweep.py --config {plan.file} --cancel")
+                told.add(t.key)
+        time.sleep(every_s)
+        plan.classify(names)
 
 
 def to_submit(plan: Plan, names: list[str], executor: str) -> list[Target]:
@@ -163,8 +184,8 @@ def run_here(plan: Plan, stage: Stage, todo: list[Target], executor: str, code: 
     task = _task(stage, plan, code, executor)
     width = plan.sweep.launch.local_parallelism if stage.name == "dpo" and executor == "local" else 1
     pending, running, ok = list(todo), [], True
-    while pending or running:
-        while pending and len(running) < width:
+    while (pending and not procs.stopping.is_set()) or running:
+        while pending and len(running) < width and not procs.stopping.is_set():  # stopping: start nothing new
             t = pending.pop(0)
             if t.state in ("completed", "active"):  # finished meanwhile (a reference no run needs any more)
                 continue

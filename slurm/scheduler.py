@@ -13,11 +13,14 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
+import psutil
+
+import procs
 from config import UserInputError
+from jsonl import write_atomic
 
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
@@ -35,9 +38,7 @@ def read_record(out: Path) -> dict:
 
 def write_record(out: Path, record: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f"sweep.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out / "sweep.json")
+    write_atomic(out / "sweep.json", json.dumps(record, indent=1))
 
 
 def _expand_array(job_id: str) -> list[str]:
@@ -180,36 +181,67 @@ def record_costs(record: dict, states: dict[str, str]) -> bool:
     return any(job_id in costs for job_id in ended.values())
 
 
+_HELD: dict[str, int] = {}  # sweep folders this process holds the lock of (a launch inside a pipeline run)
+
+
 @contextlib.contextmanager
 def sweep_lock(out: Path, shared: bool = False):
-    """Two launchers on one sweep at once would submit the same runs twice. A dry run only looks (and leaves no
-    folder behind)."""
-    if shared:
-        yield
+    """Two launchers on one sweep at once would submit the same runs twice: the second refuses, naming the first
+    (its PID and command line, written into the lock file). Re-entrant within one process. A dry run only looks
+    (and leaves no folder behind)."""
+    key = str(Path(out).resolve())
+    if shared or _HELD.get(key):
+        _HELD[key] = _HELD.get(key, 0) + (0 if shared else 1)
+        try:
+            yield
+        finally:
+            if not shared:
+                _HELD[key] -= 1
         return
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as fh:
+    with open(out / ".lock", "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserInputError(f"another sweep.py is submitting {out} right now") from None
-        yield
+            fh.seek(0)
+            holder = fh.read().strip() or "another launcher"
+            raise UserInputError(f"{out}/.lock: {holder} is running this sweep right now; wait for it to end, or stop "
+                                 f"it (Ctrl-C or kill -TERM stops its local jobs too). --status shows where it stands")\
+                from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} ({shlex.join(psutil_cmdline())[:200]}, since {now()})\n")
+        fh.flush()
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            _HELD.pop(key, None)
 
 
-def cancel(record: dict, states: dict[str, str], say) -> int:
-    """scancel the sweep's queued and running Slurm jobs; SIGINT its running local jobs (submitit's local controller
-    stops its tasks on SIGINT, and training checkpoints at its next step boundary)."""
+def psutil_cmdline() -> list[str]:
+    try:
+        return Path("/proc/self/cmdline").read_bytes().decode(errors="replace").rstrip("\0").split("\0")
+    except OSError:
+        return ["?"]
+
+
+def cancel(record: dict, states: dict[str, str], say, grace_s: float = 60.0) -> int:
+    """scancel the sweep's queued and running Slurm jobs; stop its running local jobs, whichever launcher started
+    them (one killed with SIGKILL leaves its jobs running): SIGTERM to each job's whole process tree (training
+    checkpoints at its next step boundary), SIGKILL to what is left after grace_s."""
     slurm_ids = [r["job_id"] for k, r in record["jobs"].items()
                  if r.get("executor") == "slurm" and states.get(k) in ACTIVE_STATES]
     if slurm_ids:
         subprocess.run(["scancel", *slurm_ids], check=False)
         say(f"cancelled Slurm job(s) {', '.join(slurm_ids)}")
     local = [r["job_id"] for k, r in record["jobs"].items() if r.get("executor") == "local" and states.get(k) == "RUNNING"]
+    stopped = 0
     for pid in local:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGINT)
+        with contextlib.suppress(psutil.NoSuchProcess, ValueError):
+            stopped += procs.stop_tree(psutil.Process(int(pid)), grace_s, say)[0]
     if local:
-        say(f"interrupted local job(s) {', '.join(local)}")
+        say(f"stopped local job(s) {', '.join(local)} ({stopped} process(es))")
     if not slurm_ids and not local:
         say("nothing queued or running")
     return len(slurm_ids) + len(local)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import objectives
 from arguments import GenerateArgs, JudgeArgs
-from config import (ArgsError, Config, ConfigError, PruneConfig, build, flag, load, load_config, parse_flags, require,
+from config import (ArgsError, Config, ConfigError, path_problem, PruneConfig, build, flag, load, load_config, parse_flags, require,
                     to_dict, to_yaml)
 
 LAUNCHER_KEYS = ("output_dir", "loss.name", "loss.ref_cache_dir", "train.resume")  # set by the launcher for every run
@@ -80,6 +80,33 @@ class LaunchConfig:
     def __post_init__(self):
         require(self.cpu_processes >= 1, "launch.cpu_processes", "must be at least 1")
         require(self.local_parallelism >= 1, "launch.local_parallelism", "must be at least 1")
+        if self.deepspeed_config:
+            problem = deepspeed_problem(self.deepspeed_config)
+            if problem:
+                raise ConfigError(problem)
+
+
+def deepspeed_problem(path: str) -> str | None:
+    """What is wrong with a DeepSpeed JSON (launch.deepspeed_config), in one line naming it; None when it reads as
+    one: a JSON object whose zero_optimization.stage, if given, is 0-3."""
+    problem = path_problem(path)
+    if problem:
+        return f"launch.deepspeed_config={path}: {problem}"
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        return f"{path}: not UTF-8 text ({e.reason} at byte {e.start})"
+    except json.JSONDecodeError as e:
+        return f"{path}: not JSON ({e.msg} at line {e.lineno} column {e.colno})"
+    if not isinstance(data, dict):
+        return f"{path}: expected a JSON object of DeepSpeed settings, found {type(data).__name__}"
+    zero = data.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        return f"{path}: zero_optimization should be an object, found {zero!r}"
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        return f"{path}: zero_optimization.stage is {stage!r}; DeepSpeed's ZeRO stages are 0, 1, 2 and 3"
+    return None
 
 
 @dataclass

@@ -38,6 +38,7 @@ import datetime
 import shutil
 import sys
 
+import procs
 from config import UserInputError
 from slurm.launch import launch
 from slurm.scheduler import cancel, read_record, scheduler_states, sweep_lock
@@ -82,15 +83,19 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     stages = ["generate"] if args.generate else ["judge"] if args.judge else ["analyze"] if args.analyze else \
         list(TRAINING)
+    if argv is None:  # the command itself (not a call from another program): it owns its signals
+        procs.stop_on_signals()  # SIGTERM/SIGHUP stop local jobs as Ctrl-C does
+    grace_s = 60.0
     try:
         plan = Plan(load_sweep(args.config, args.overrides), args.config, retry_pruned=args.retry_pruned)
+        grace_s = float(plan.sweep.slurm.signal_delay_s)
         if args.status:
             print_table(*status_table(plan.classify(), stages))
             print(cost_status(plan))
             return 0
         if args.cancel:
             record = read_record(plan.out)
-            cancel(record, scheduler_states(record, plan.out), say)
+            cancel(record, scheduler_states(record, plan.out), say, grace_s)
             return 0
         if args.executor == "slurm" and not args.dry_run and not shutil.which("sbatch"):
             raise UserInputError("sbatch not found: this is not a Slurm login node. Use --executor local, or start "
@@ -101,6 +106,11 @@ def main(argv=None) -> int:
     except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # local jobs are this command's children (Slurm's are not: they go on)
+        stopped, killed = procs.stop_children(grace_s, say)
+        say(f"interrupted ({str(e) or 'SIGINT'}); stopped {stopped} process(es)" + (f", {killed} killed after {grace_s:g} s"
+            if killed else "") + "; finished results stay on disk. Run the same command again to go on")
+        return 130
 
 
 if __name__ == "__main__":

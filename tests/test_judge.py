@@ -521,12 +521,17 @@ def vllm_server(tmp_path_factory, default_model_dir):
             except OSError:
                 time.sleep(1)
         yield url + "/v1"
-    finally:
+    finally:  # the server's engine core and workers end with it: none outlives the fixture
+        import psutil
+
+        started = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        _, left = psutil.wait_procs(started, timeout=30)
+        assert not left, f"the vLLM server left {[p.pid for p in left]} running"
 
 
 @pytest.mark.vllm
