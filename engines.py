@@ -45,6 +45,24 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vLLM 0.32's CPU attention kernels
+
+
+def vllm_cpu_problem(weights: str) -> str | None:
+    """Why vLLM-CPU cannot run this checkpoint (an attention head size it has no kernel for: the tiny test models'
+    16), in words; None when it can, on a GPU, or when the config does not say."""
+    if on_gpu():
+        return None
+    config = model_config(weights)
+    heads, hidden = config.get("num_attention_heads") or config.get("n_head"), config.get("hidden_size") or \
+        config.get("n_embd")
+    head = config.get("head_dim") or (hidden // heads if heads and hidden else None)
+    if head and head not in VLLM_CPU_HEAD_SIZES:
+        return (f"vLLM-CPU has no attention kernel for head size {head} ({weights}; it has "
+                f"{', '.join(map(str, VLLM_CPU_HEAD_SIZES))})")
+    return None
+
+
 def model_config(weights: str) -> dict:
     """The checkpoint's config.json, or {} for a hub id."""
     config = Path(weights).expanduser() / "config.json"

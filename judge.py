@@ -46,7 +46,7 @@ from chat_format import FormattingError, render_prompt, resolve_template
 from arguments import EngineArgs, JudgeArgs, pairs_file, panel_members
 from config import UserInputError, parse_cli, path_problem, read_problem
 from engines import (HFEngine, KeyedJsonl, OpenAIEngine, RequestFailed, ServerArgs, VLLMEngine,
-                     context_length, digest, model_config, stop_token_ids, vllm_available)
+                     context_length, digest, model_config, stop_token_ids, vllm_available, vllm_cpu_problem)
 from host import engine_dtype
 from jsonl import append_jsonl, read_jsonl, summary_path, write_atomic
 from models import check_weights, load_tokenizer, model_fingerprint
@@ -526,6 +526,11 @@ def make_engine(args: JudgeArgs, model: str, stop_ids, tokenizer, max_model_len:
         raise JudgeError("--engine openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
     if name == "vllm" and not vllm_available():
         raise JudgeError("--engine vllm: vLLM is not installed here (requirements-cpu.txt or requirements-gpu.txt)")
+    cannot = vllm_cpu_problem(model) if name == "vllm" else None
+    if cannot and args.engine == "auto":
+        name, why = "hf", cannot
+    elif cannot:
+        raise JudgeError(f"--engine vllm: {cannot}; use --engine hf (or auto)")
     dtype, dtype_why = engine_dtype(args.dtype, "judge")
     log(f"judge: starting the {name} engine on {args.base_url if name == 'openai' else model} ({why})"
         + ("" if name == "openai" else f", dtype {dtype} ({dtype_why})"))

@@ -42,7 +42,8 @@ def train_cmd(out: Path, loss: str) -> list[str]:
 
 
 def generate_cmd(out: Path, engine: str) -> list[str]:
-    return ["generate.py", "--model", TINY, "--prompts", "alpaca_eval", "--limit", "24", "--engine", engine,
+    model = TINY if engine == "hf" else JUDGE  # vLLM-CPU has no attention kernel for the tiny model's head size 16
+    return ["generate.py", "--model", model, "--prompts", "alpaca_eval", "--limit", "24", "--engine", engine,
             "--max-new-tokens", "16", "--batch-size", "2", "--out", str(out / "answers.jsonl")]
 
 
@@ -145,6 +146,10 @@ def kill_group(proc) -> None:
 
 
 def lines(path: Path) -> int:
+    """Complete lines of a JSONL file; of a folder, of every JSONL file under it (metrics, answers, verdicts: how far
+    a whole pipeline has got)."""
+    if path.is_dir():
+        return sum(lines(p) for p in path.rglob("*.jsonl") if not {"code", "submitit", "costs"} & set(p.parts))
     try:
         with open(path, "rb") as fh:
             return sum(1 for line in fh if line.endswith(b"\n"))
@@ -155,7 +160,7 @@ def lines(path: Path) -> int:
 def killed_run(cmd: list[str], log: Path, kills: int, duration: float, rng: random.Random,
                progress: Path | None = None, total: int = 0) -> tuple[int, int]:
     """Run `cmd` and SIGKILL its tree `kills` times, then run it to the end. With a progress file (metrics rows,
-    answers, verdicts) each kill lands after a random number of new rows (between one and half of what is left), in
+    answers, verdicts; for a whole pipeline, every such row under its folder) each kill lands after a random number of new rows (between one and half of what is left), in
     the middle of the work rather than during imports; else after a random share of the uninterrupted run's time. A
     run that ends before its kill is not a kill. Returns (kills that landed, runs)."""
     landed = runs = 0
@@ -167,7 +172,7 @@ def killed_run(cmd: list[str], log: Path, kills: int, duration: float, rng: rand
         delay = rng.uniform(0.15, 0.9) * duration
         runs += 1
         with open(log, "a") as fh:
-            fh.write(f"\n=== run {runs}: SIGKILL " + (f"at {target} rows of {progress.name}\n" if progress else
+            fh.write(f"\n=== run {runs}: SIGKILL " + (f"at {target} rows of {progress}\n" if progress else
                                                        f"after {delay:.1f} s\n"))
             fh.flush()
             proc = subprocess.Popen([sys.executable, *cmd], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
@@ -223,7 +228,7 @@ def soak(stage: str, work: Path, kills: int, rng: random.Random) -> dict:
     if code != 0:
         raise SystemExit(f"soak: the uninterrupted {stage} failed (exit {code}); see {ref / 'log.txt'}")
     progress = {"train-sft": "run/metrics.jsonl", "train-dpo": "run/metrics.jsonl", "generate-hf": "answers.jsonl",
-                "generate-vllm": "answers.jsonl", "judge": "verdicts.jsonl"}.get(stage)
+                "generate-vllm": "answers.jsonl", "judge": "verdicts.jsonl", "pipeline": "."}.get(stage)
     total = lines(ref / progress) if progress else 0
     landed, runs = killed_run(cmd_hit, hit / "log.txt", kills, duration, rng, hit / progress if progress else None,
                               total)

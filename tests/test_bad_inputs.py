@@ -116,6 +116,9 @@ CASES = [
     ("truncated-safetensors", "generate", {"model": "tiny-truncated"},
      ["--model", "{tmp}/model", "--prompts", "mt_bench", "--limit", "1", "--out", "{tmp}/out.jsonl", "--engine", "hf"],
      "{tmp}/model/model.safetensors: truncated or not safetensors"),
+    ("vllm-unsupported-head-size", "generate", {},
+     ["--model", "tiny", "--prompts", "mt_bench", "--limit", "1", "--out", "{tmp}/out.jsonl", "--engine", "vllm"],
+     "--engine vllm: vLLM-CPU has no attention kernel for head size 16"),
     # ---- prompt files
     ("prompts-not-json", "generate", {"p.jsonl": b"hello\n"}, ["--model", "tiny", "--prompts", "{tmp}/p.jsonl",
                                                               "--out", "{tmp}/out.jsonl"], "{tmp}/p.jsonl line 1"),
