@@ -434,8 +434,11 @@ def freeze_first_layers(model, n_layers: int) -> None:
         block.requires_grad_(False)
 
 
-def build_policy(cfg: Config):
-    model = add_logps_head(load_model(cfg.model.path, cfg.model.dtype))  # before PEFT wraps it
+def build_policy(cfg: Config, model=None):
+    """The policy as training uses it: `model` (default: loaded from model.path) with the fused log-prob head,
+    dropout off, frozen layers, gradient checkpointing and LoRA as the config says (bench/gpu_check.py passes a
+    randomly initialised model built on the GPU)."""
+    model = add_logps_head(model if model is not None else load_model(cfg.model.path, cfg.model.dtype))
     disable_dropout(model)
     if cfg.train.freeze_layers:
         freeze_first_layers(model, cfg.train.freeze_layers)
