@@ -21,12 +21,21 @@ from jsonl import read_jsonl
 PY = sys.executable
 
 
+def as_from_a_terminal() -> None:
+    """SIGINT and SIGHUP as a command typed in a terminal gets them: CI may run the suite in the background (a
+    non-interactive shell's `&` ignores SIGINT, `nohup` SIGHUP), and an ignored signal is inherited (and, rightly,
+    stays ignored: the commands keep nohup's choice)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def start(*argv, **kw) -> subprocess.Popen:
     """A command in a session of its own (the test cleans up after it whatever happens), output to a file."""
     log = kw.pop("log")
     with open(log, "w") as fh:
         return subprocess.Popen([PY, *map(str, argv)], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **kw.pop("env", {})})
+                                start_new_session=True, preexec_fn=as_from_a_terminal,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", **kw.pop("env", {})})
 
 
 def tree(proc) -> list[psutil.Process]:
