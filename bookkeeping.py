@@ -190,18 +190,21 @@ def write_run_json(out_dir: Path, info: dict) -> None:
     write_atomic(out_dir / "run.json", json.dumps(info, indent=2))
 
 
+def step_folders(out_dir: Path) -> list[Path]:
+    """The run's checkpoints/step-N folders, oldest first."""
+    return sorted((p for p in (out_dir / "checkpoints").glob("step-*") if p.name.split("-")[1].isdigit()),
+                  key=lambda p: int(p.name.split("-")[1]))
+
+
 def incomplete_checkpoint(out_dir: Path) -> Path | None:
     """The newest step-N folder when it lacks trainer_state.json (an empty or partly copied folder)."""
-    folders = sorted((p for p in (out_dir / "checkpoints").glob("step-*") if p.name.split("-")[1].isdigit()),
-                     key=lambda p: int(p.name.split("-")[1]))
+    folders = step_folders(out_dir)
     return folders[-1] if folders and not (folders[-1] / "trainer_state.json").is_file() else None
 
 
 def find_checkpoint(out_dir: Path) -> Path | None:
     """The newest complete checkpoint: a step-N folder with trainer_state.json (written last, before the rename)."""
-    folders = sorted((p for p in (out_dir / "checkpoints").glob("step-*") if p.name.split("-")[1].isdigit()),
-                     key=lambda p: int(p.name.split("-")[1]))
-    complete = [p for p in folders if (p / "trainer_state.json").is_file()]
+    complete = [p for p in step_folders(out_dir) if (p / "trainer_state.json").is_file()]
     return complete[-1] if complete else None
 
 
@@ -245,7 +248,7 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, state: dict, keep: in
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         fsync_dir(final.parent)
-        older = sorted((out_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]
+        older = step_folders(out_dir)[:-keep]
         for old in older:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -452,9 +452,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM or SIGHUP: local jobs are this command's children
-        stopped, killed = procs.stop_children(grace_s, say)  # training checkpoints at its next step boundary
-        say(f"interrupted ({str(e) or 'SIGINT'}); stopped {stopped} process(es)" + (f", {killed} killed after {grace_s:g} s"
-            if killed else "") + f"; finished results stay on disk. Again: python pipeline.py --config {args.config}")
+        say(procs.interrupted(e, grace_s, say)  # training checkpoints at its next step boundary
+            + f"; finished results stay on disk. Again: python pipeline.py --config {args.config}")
         return 130
 
 

@@ -94,20 +94,26 @@ def stop_children(grace_s: float = 60.0, say=None) -> tuple[int, int]:
     return stop_tree(None, grace_s, say)
 
 
+def interrupted(error: KeyboardInterrupt, grace_s: float, say) -> str:
+    """After Ctrl-C, SIGTERM or SIGHUP in a launcher: stop every process below it (stop_children) and say so, as
+    the start of its last line."""
+    stopped, killed = stop_children(grace_s, say)
+    return (f"interrupted ({str(error) or 'SIGINT'}); stopped {stopped} process(es)"
+            + (f", {killed} killed after {grace_s:g} s" if killed else ""))
+
+
 def stop_tree(root: psutil.Process | None, grace_s: float = 60.0, say=None) -> tuple[int, int]:
     """stop_children for the processes below `root` and `root` itself (None: below this process)."""
-    def children() -> list[psutil.Process]:
-        return _below(root)
     seen: dict[int, psutil.Process] = {}
     deadline = time.time() + grace_s
     told = False
     while True:
-        for p in children():
+        for p in _below(root):
             if p.pid not in seen:
                 seen[p.pid] = p
                 with contextlib.suppress(psutil.NoSuchProcess):
                     p.send_signal(signal.SIGTERM)
-        alive = [p for p in seen.values() if _running(p)] + [p for p in children() if p.pid not in seen]
+        alive = [p for p in seen.values() if _running(p)] + [p for p in _below(root) if p.pid not in seen]
         if not alive or time.time() > deadline:
             break
         if say and not told and time.time() > deadline - grace_s + 5:
@@ -116,7 +122,7 @@ def stop_tree(root: psutil.Process | None, grace_s: float = 60.0, say=None) -> t
         time.sleep(0.2)
     killed = 0
     for _ in range(3):  # a process may start another as it dies
-        alive = [p for p in seen.values() if _running(p)] + children()
+        alive = [p for p in seen.values() if _running(p)] + _below(root)
         if not alive:
             break
         for p in alive:

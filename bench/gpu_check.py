@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -301,7 +302,7 @@ def main(argv=None) -> int:
     peak = measure_peak_tflops(device, 512 if device == "cpu" else 8192, 3 if device == "cpu" else 10)
     result = {"device": description, "planner_gpu": planner_gpu, "peak_tflops_measured": round(peak, 2),
               "peak_tflops_datasheet": sheet, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-              "command": "python bench/gpu_check.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+              "command": "python bench/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "pairs": args.pairs, "seq": args.seq, "training": [], "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, fields in models.items():

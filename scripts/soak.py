@@ -132,11 +132,10 @@ def kill_group(proc) -> None:
         tree = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         tree = []
-    for target in [proc.pid]:
-        try:
-            os.killpg(target, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     for p in tree:
         try:
             p.kill()

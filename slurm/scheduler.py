@@ -210,20 +210,13 @@ def sweep_lock(out: Path, shared: bool = False):
                 from None
         fh.seek(0)
         fh.truncate()
-        fh.write(f"pid {os.getpid()} ({shlex.join(psutil_cmdline())[:200]}, since {now()})\n")
+        fh.write(f"pid {os.getpid()} ({shlex.join(psutil.Process().cmdline())[:200]}, since {now()})\n")
         fh.flush()
         _HELD[key] = 1
         try:
             yield
         finally:
             _HELD.pop(key, None)
-
-
-def psutil_cmdline() -> list[str]:
-    try:
-        return Path("/proc/self/cmdline").read_bytes().decode(errors="replace").rstrip("\0").split("\0")
-    except OSError:
-        return ["?"]
 
 
 def cancel(record: dict, states: dict[str, str], say, grace_s: float = 60.0) -> int:

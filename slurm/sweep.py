@@ -107,9 +107,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # local jobs are this command's children (Slurm's are not: they go on)
-        stopped, killed = procs.stop_children(grace_s, say)
-        say(f"interrupted ({str(e) or 'SIGINT'}); stopped {stopped} process(es)" + (f", {killed} killed after {grace_s:g} s"
-            if killed else "") + "; finished results stay on disk. Run the same command again to go on")
+        say(procs.interrupted(e, grace_s, say) + "; finished results stay on disk. Run the same command again to go on")
         return 130
 
 
